@@ -1,0 +1,35 @@
+"""Fixtures and markers shared by the tests.
+
+The Triton kernels run on the CPU under the interpreter: TRITON_INTERPRET must be set before the
+kernel modules are imported, so it is set here, before any test module imports sspo_kernels, unless
+a CUDA device is present (then the real compiler runs them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Fresh outputs allocated by the launchers are filled with NaN, so an element a kernel forgets to
+# write fails the comparison instead of passing with whatever torch.empty returned.
+os.environ.setdefault("SSPO_KERNELS_POISON", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device() -> str:
+    """Where the kernel tests run: CUDA when present, else the CPU (Triton interpreter)."""
+    return "cuda" if HAS_CUDA else "cpu"
