@@ -7,18 +7,9 @@ against, so clarity wins over speed everywhere here. The kernels never import th
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-from sspo_kernels._checks import FlatBatch, LossConfig, make_config, prepare_inputs
-
-
-class SSPOOutput(NamedTuple):
-    loss: torch.Tensor  # 0-d, or per token (shaped like tokens) for loss_agg_mode="none"
-    logprobs: torch.Tensor  # per token l_t, detached, zero where masked out
-    entropy: torch.Tensor  # per token H_t, detached, zero where masked out
-    metrics: dict[str, torch.Tensor]  # detached device tensors
+from sspo_kernels._checks import FlatBatch, LossConfig, SSPOOutput, make_config, prepare_inputs
 
 
 def naive_logprob_entropy(

@@ -1,0 +1,19 @@
+"""Fused kernels for GRPO / GSPO / SSPO policy losses. See README.md and SPEC.md.
+
+Importing this package touches no device and reads no environment variable.
+"""
+
+from sspo_kernels._checks import SSPOOutput
+from sspo_kernels.boundary import SENTENCE_CHARS, SUBSENTENCE_CHARS, boundary_table
+from sspo_kernels.loss import SSPOLoss, segment_ids, sspo_loss
+
+__all__ = [
+    "SENTENCE_CHARS",
+    "SUBSENTENCE_CHARS",
+    "SSPOLoss",
+    "SSPOOutput",
+    "boundary_table",
+    "segment_ids",
+    "sspo_loss",
+]
+__version__ = "0.1.0"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -143,6 +144,15 @@ def make_config(
     )
 
 
+class SSPOOutput(NamedTuple):
+    """What every path returns (SPEC "Outputs")."""
+
+    loss: torch.Tensor  # 0-d, or per token (shaped like tokens) for loss_agg_mode="none"
+    logprobs: torch.Tensor  # per-token l_t, detached, zero where masked out
+    entropy: torch.Tensor  # per-token H_t, detached, zero where masked out
+    metrics: dict[str, torch.Tensor]  # detached device tensors, never Python floats
+
+
 @dataclass
 class FlatBatch:
     """The per-token inputs flattened to `(N,)`, on the logits' device, in the dtypes given.
@@ -212,6 +222,33 @@ def _device_check(ok: torch.Tensor, message: str) -> None:
         torch._assert_async(ok, message)
 
 
+def response_layout(
+    token_shape: torch.Size | tuple[int, ...], cu_seqlens: torch.Tensor | None, device: torch.device
+) -> tuple[int, int | None, torch.Tensor]:
+    """(number of responses, padded length T or None when packed, (N,) int64 response id of each token).
+
+    Responses are the rows of a padded `(B, T)` batch, the `cu_seqlens` spans of a packed `(total,)`
+    one, or a single response for a flat `(N,)` batch without `cu_seqlens`.
+    """
+    n = math.prod(token_shape)
+    if cu_seqlens is not None:
+        cu = _tensor("cu_seqlens", cu_seqlens)
+        if len(token_shape) != 1:
+            raise ValueError("cu_seqlens describes a packed batch: logits must then be (total, V), tokens (total,)")
+        if cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"cu_seqlens must be 1-D with B + 1 >= 2 offsets, got shape {tuple(cu.shape)}")
+        if cu.is_floating_point() or cu.dtype == torch.bool:
+            raise TypeError(f"cu_seqlens must be an integer tensor, got {cu.dtype}")
+        cu = cu.to(device=device, dtype=torch.int64)
+        ok = (cu[0] == 0) & (cu[-1] == n) & (cu[1:] >= cu[:-1]).all()
+        _device_check(ok, f"cu_seqlens must start at 0, be non-decreasing and end at the token count {n}")
+        return cu.numel() - 1, None, torch.searchsorted(cu[1:], torch.arange(n, device=device), right=True)
+    if len(token_shape) == 2:
+        batch, seq_len = token_shape
+        return batch, seq_len, torch.arange(n, device=device) // max(seq_len, 1)
+    return 1, n, torch.zeros(n, dtype=torch.int64, device=device)
+
+
 def prepare_inputs(
     cfg: LossConfig,
     logits: torch.Tensor,
@@ -252,27 +289,7 @@ def prepare_inputs(
         raise TypeError(f"mask must be bool or 0/1 numbers, got {mask.dtype}")
     mask_f = mask.reshape(-1) != 0
 
-    # Responses: rows of a padded batch, cu_seqlens spans of a packed one, else one response.
-    if cu_seqlens is not None:
-        cu = _tensor("cu_seqlens", cu_seqlens)
-        if logits.dim() != 2:
-            raise ValueError("cu_seqlens describes a packed batch: logits must then be (total, V)")
-        if cu.dim() != 1 or cu.numel() < 2:
-            raise ValueError(f"cu_seqlens must be 1-D with B + 1 >= 2 offsets, got shape {tuple(cu.shape)}")
-        if cu.is_floating_point() or cu.dtype == torch.bool:
-            raise TypeError(f"cu_seqlens must be an integer tensor, got {cu.dtype}")
-        cu = cu.to(device=device, dtype=torch.int64)
-        ok = (cu[0] == 0) & (cu[-1] == n) & (cu[1:] >= cu[:-1]).all()
-        _device_check(ok, f"cu_seqlens must start at 0, be non-decreasing and end at the token count {n}")
-        num_responses = cu.numel() - 1
-        response_ids = torch.searchsorted(cu[1:], torch.arange(n, device=device), right=True)
-        seq_len = None
-    elif logits.dim() == 3:
-        num_responses, seq_len = token_shape
-        response_ids = torch.arange(n, device=device) // seq_len
-    else:
-        num_responses, seq_len = 1, n
-        response_ids = torch.zeros(n, dtype=torch.int64, device=device)
+    num_responses, seq_len, response_ids = response_layout(token_shape, cu_seqlens, device)
 
     adv = _tensor("advantages", advantages)
     _same_device("advantages", adv, device)
@@ -311,7 +328,9 @@ def prepare_inputs(
             )
         boundary = _tensor("boundary", boundary)
         if boundary.shape != (vocab,):
-            raise ValueError(f"boundary must have shape ({vocab},) (one entry per vocab id), got {tuple(boundary.shape)}")
+            raise ValueError(
+                f"boundary must have shape ({vocab},) (one entry per vocab id), got {tuple(boundary.shape)}"
+            )
         if boundary.dtype != torch.bool:
             raise TypeError(f"boundary must be a bool tensor, got {boundary.dtype}")
         boundary = boundary.to(device)
@@ -328,7 +347,9 @@ def prepare_inputs(
     if normalizer is not None:
         if isinstance(normalizer, torch.Tensor):
             if normalizer.numel() != 1:
-                raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
+                raise ValueError(
+                    f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}"
+                )
             norm_t = normalizer.reshape(()).to(device=device, dtype=torch.float32)
         else:
             norm_t = torch.tensor(_finite_number("normalizer", normalizer, positive=True), device=device)

@@ -1,0 +1,166 @@
+"""The segment step: from per-token log-probs and entropies to the loss, the metrics, and the
+per-token gradient coefficients dLoss/dl_t and dLoss/dH_t (SPEC "Segment quantities" to "Outputs").
+
+Everything here is O(N) work on `(N,)` tensors, shared by both backends; only the segmented sum
+differs (see `segment.py`). Arrays indexed by segment are sized N, the most segments there can be,
+so nothing depends on a count read back from the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sspo_kernels._checks import FlatBatch, LossConfig
+from sspo_kernels.ops.segment import segment_sum
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # 0-d fp32, or (N,) fp32 for loss_agg_mode="none"
+    metrics: dict[str, torch.Tensor]
+    saved: tuple[torch.Tensor, ...]  # what `objective_bwd` needs, saved by the autograd Function
+
+
+def _masked(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x where mask, else exactly 0 (even where x is NaN)."""
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _token_weights(batch: FlatBatch, cfg: LossConfig, n_tokens: torch.Tensor) -> torch.Tensor:
+    """Aggregation weight w_t of each token (SPEC "Aggregation"), fp32, 0 where masked out."""
+    mask = batch.mask
+    ones = mask.float()
+    mode = cfg.loss_agg_mode
+    if mode in ("sum", "none"):
+        return ones
+    if mode == "token-mean":
+        denom = batch.normalizer if batch.normalizer is not None else n_tokens.clamp(min=1)
+        return ones / denom
+    per_response = torch.zeros(batch.num_responses, dtype=torch.int64, device=mask.device)
+    per_response.index_add_(0, batch.response_ids, mask.long())  # integer adds: deterministic
+    responses = batch.normalizer if batch.normalizer is not None else (per_response > 0).sum().float().clamp(min=1)
+    if mode == "seq-mean-token-sum":
+        return ones / responses
+    if mode == "seq-mean-token-sum-norm":
+        return ones / (responses * batch.norm_len)
+    return ones / (per_response[batch.response_ids].clamp(min=1).float() * responses)
+
+
+def objective_fwd(
+    logp: torch.Tensor,
+    entropy: torch.Tensor,
+    seg: torch.Tensor,
+    batch: FlatBatch,
+    cfg: LossConfig,
+    *,
+    use_triton: bool,
+) -> StepOutput:
+    """logp, entropy: (N,) fp32 (0 where masked out); seg: (N,) int64 segment ids (-1 masked out)."""
+    mask = batch.mask
+    n = mask.shape[0]
+    old = batch.old_logprobs.float()
+    adv = batch.advantages.float()
+    n_tokens = mask.sum().float()
+    denom = n_tokens.clamp(min=1)
+    slot = seg.clamp(min=0)  # gather index; rows of masked-out tokens are discarded by _masked
+
+    # Per-segment sums of (l - q), H and the token count, in one deterministic pass.
+    sums = segment_sum(
+        torch.stack([_masked(mask, logp - old), entropy, mask.float()], dim=1), seg, use_triton=use_triton
+    )
+    n_seg = sums[:, 2].clamp(min=1)
+    d_raw = sums[:, 0] / n_seg  # [N] per segment slot
+    c = cfg.log_ratio_clamp
+    rho = d_raw.clamp(-c, c).exp()
+    in_clamp = (d_raw >= -c) & (d_raw <= c)  # torch.clamp passes the gradient on the closed interval
+
+    entropy_mean = entropy.sum() / denom
+    if cfg.entropy_gamma == 0:
+        k = torch.ones_like(rho)
+    else:
+        h_ref = entropy_mean if cfg.entropy_ref == "batch" else torch.tensor(cfg.entropy_ref, device=rho.device)
+        k_raw = ((sums[:, 1] / n_seg) / h_ref).pow(cfg.entropy_gamma).clamp(cfg.k_min, cfg.k_max)
+        k = torch.where(h_ref == 0, torch.ones_like(k_raw), k_raw)
+    ones = torch.ones_like(k)
+    lo = 1 - cfg.eps_low * (k if cfg.adapt_low else ones)
+    hi = 1 + cfg.eps_high * (k if cfg.adapt_high else ones)
+
+    # Per token: the clipped objective and its derivative a_t = dL_t/drho (SPEC "Per-token objective").
+    rho_t, lo_t, hi_t = rho[slot], lo[slot], hi[slot]
+    unclipped = -adv * rho_t
+    clipped = -adv * torch.minimum(torch.maximum(rho_t, lo_t), hi_t)
+    loss_t = torch.maximum(unclipped, clipped)
+    # torch.maximum sends the gradient to the larger branch (half to each on a tie); the clipped
+    # branch carries gradient only inside [lo, hi], where it ties with the unclipped one.
+    dloss_drho = torch.where(unclipped >= clipped, -adv, torch.zeros_like(adv))
+    if cfg.dual_clip is not None:
+        floor = -adv * cfg.dual_clip
+        use_floor = adv < 0
+        tie = use_floor & (loss_t == floor)
+        keep = torch.where(use_floor & (loss_t > floor), 0.0, torch.where(tie, 0.5, 1.0))
+        dloss_drho = dloss_drho * keep
+        loss_t = torch.where(use_floor, torch.minimum(loss_t, floor), loss_t)
+
+    weights = _token_weights(batch, cfg, n_tokens)
+    direct = torch.zeros_like(logp)  # dL_t/dl_t through the KL term
+    if cfg.beta > 0:
+        diff = batch.ref_logprobs.float() - logp
+        loss_t = loss_t + cfg.beta * (diff.exp() - diff - 1)
+        direct = cfg.beta * (1 - diff.exp())
+    if cfg.entropy_coef > 0:
+        loss_t = loss_t - cfg.entropy_coef * entropy
+    loss_t = _masked(mask, loss_t * weights)
+    loss = loss_t if cfg.loss_agg_mode == "none" else loss_t.sum()
+
+    # Gradient pieces, for a unit upstream gradient: weighted a_t, the ratio's sensitivity
+    # rho_s / n_s to each of its tokens (rho_s for the token form), and the direct terms.
+    weighted_a = _masked(mask, weights * dloss_drho)
+    sensitivity = rho * in_clamp / (n_seg if cfg.ratio_grad == "exact" else 1.0)
+    direct = _masked(mask, weights * direct)
+    grad_entropy = _masked(mask, weights * -cfg.entropy_coef)
+
+    s_count = (seg.max() + 1).clamp(min=0) if n else torch.zeros((), dtype=torch.int64, device=mask.device)
+    metrics = _metrics(mask, adv, rho, rho_t, lo_t, hi_t, logp, old, entropy_mean, n_tokens, s_count)
+    saved = (weighted_a, sensitivity[slot], direct, grad_entropy, seg)
+    return StepOutput(loss=loss, metrics=metrics, saved=saved)
+
+
+def objective_bwd(
+    saved: tuple[torch.Tensor, ...], grad_loss: torch.Tensor, cfg: LossConfig, *, use_triton: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dLoss/dl_t and dLoss/dH_t, (N,) fp32, for the upstream gradient `grad_loss` (0-d, or (N,) for "none")."""
+    weighted_a, sensitivity_t, direct, grad_entropy, seg = saved
+    upstream = grad_loss.float().reshape(-1)  # (1,) for a scalar loss, (N,) for "none"
+    if cfg.ratio_grad == "exact":
+        # dLoss/dl_t = (rho_s / n_s) * sum over the segment's tokens t' of upstream * w_t' * a_t'
+        per_seg = segment_sum((upstream * weighted_a).unsqueeze(1), seg, use_triton=use_triton)
+        through_ratio = sensitivity_t * per_seg[seg.clamp(min=0), 0]
+    else:
+        through_ratio = sensitivity_t * upstream * weighted_a
+    grad_logp = _masked(seg >= 0, through_ratio + upstream * direct)
+    return grad_logp, upstream * grad_entropy
+
+
+def _metrics(mask, adv, rho, rho_t, lo_t, hi_t, logp, old, entropy_mean, n_tokens, s_count):
+    """The SPEC's metrics as detached device tensors; every metric is 0 when nothing is masked in."""
+    denom = n_tokens.clamp(min=1)
+    low = (mask & (adv < 0) & (rho_t < lo_t)).sum().float() / denom
+    high = (mask & (adv > 0) & (rho_t > hi_t)).sum().float() / denom
+    used = torch.arange(rho.shape[0], device=rho.device) < s_count
+    any_seg = s_count > 0
+    zero = torch.zeros((), device=rho.device)
+    inf = torch.full((1,), float("inf"), device=rho.device)  # keeps min/max defined when N = 0
+    return {
+        "clip_frac_low": low,
+        "clip_frac_high": high,
+        "clip_frac": low + high,
+        "ratio_mean": torch.where(used, rho, zero).sum() / s_count.clamp(min=1).float(),
+        "ratio_min": torch.where(any_seg, torch.cat([torch.where(used, rho, inf), inf]).min(), zero),
+        "ratio_max": torch.where(any_seg, torch.cat([torch.where(used, rho, -inf), -inf]).max(), zero),
+        "entropy_mean": entropy_mean,
+        "approx_kl": _masked(mask, old - logp).sum() / denom,
+        "num_segments": s_count,
+        "mean_segment_len": n_tokens / s_count.clamp(min=1).float(),
+    }
