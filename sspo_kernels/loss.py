@@ -23,7 +23,7 @@ from sspo_kernels._checks import (
     prepare_inputs,
     response_layout,
 )
-from sspo_kernels.ops.objective import objective_bwd, objective_fwd
+from sspo_kernels.ops.objective import finalize_metrics, objective_bwd, objective_fwd
 from sspo_kernels.ops.segment import compute_segment_ids
 
 BACKENDS = ("auto", "triton", "torch")
@@ -89,7 +89,7 @@ class SSPOLossFunction(torch.autograd.Function):
         step = objective_fwd(logp, entropy, seg, batch, cfg, use_triton=use_triton)
         ctx.save_for_backward(batch.logits, batch.tokens, batch.mask, lse, entropy, *step.saved)
         ctx.cfg, ctx.use_triton, ctx.inplace, ctx.chunk_size = cfg, use_triton, inplace, chunk_size
-        metrics = tuple(step.metrics[name] for name in METRIC_NAMES)
+        metrics = tuple(finalize_metrics(step.metric_sums)[name] for name in METRIC_NAMES)
         ctx.mark_non_differentiable(logp, entropy, *metrics)
         return (step.loss, logp, entropy, *metrics)
 

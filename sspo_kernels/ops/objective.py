@@ -19,7 +19,7 @@ from sspo_kernels.ops.segment import segment_sum
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # 0-d fp32, or (N,) fp32 for loss_agg_mode="none"
-    metrics: dict[str, torch.Tensor]
+    metric_sums: dict[str, torch.Tensor]  # partial sums: `finalize_metrics` turns them into the metrics
     saved: tuple[torch.Tensor, ...]  # what `objective_bwd` needs, saved by the autograd Function
 
 
@@ -28,10 +28,11 @@ def _masked(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _token_weights(batch: FlatBatch, cfg: LossConfig, n_tokens: torch.Tensor) -> torch.Tensor:
+def token_weights(batch: FlatBatch, cfg: LossConfig) -> torch.Tensor:
     """Aggregation weight w_t of each token (SPEC "Aggregation"), fp32, 0 where masked out."""
     mask = batch.mask
     ones = mask.float()
+    n_tokens = ones.sum()
     mode = cfg.loss_agg_mode
     if mode in ("sum", "none"):
         return ones
@@ -56,14 +57,19 @@ def objective_fwd(
     cfg: LossConfig,
     *,
     use_triton: bool,
+    weights: torch.Tensor | None = None,
 ) -> StepOutput:
-    """logp, entropy: (N,) fp32 (0 where masked out); seg: (N,) int64 segment ids (-1 masked out)."""
+    """logp, entropy: (N,) fp32 (0 where masked out); seg: (N,) int64 segment ids (-1 masked out).
+
+    `weights` (N,) overrides the aggregation weights computed from `batch`: a caller that runs the
+    step on chunks of whole segments passes the slice of `token_weights` of the whole batch, and
+    `entropy_ref` must then be a number (cfg), since the batch mean is not known chunk by chunk.
+    """
     mask = batch.mask
     n = mask.shape[0]
     old = batch.old_logprobs.float()
     adv = batch.advantages.float()
     n_tokens = mask.sum().float()
-    denom = n_tokens.clamp(min=1)
     slot = seg.clamp(min=0)  # gather index; rows of masked-out tokens are discarded by _masked
 
     # Per-segment sums of (l - q), H and the token count, in one deterministic pass.
@@ -76,11 +82,13 @@ def objective_fwd(
     rho = d_raw.clamp(-c, c).exp()
     in_clamp = (d_raw >= -c) & (d_raw <= c)  # torch.clamp passes the gradient on the closed interval
 
-    entropy_mean = entropy.sum() / denom
     if cfg.entropy_gamma == 0:
         k = torch.ones_like(rho)
     else:
-        h_ref = entropy_mean if cfg.entropy_ref == "batch" else torch.tensor(cfg.entropy_ref, device=rho.device)
+        if cfg.entropy_ref == "batch":
+            h_ref = entropy.sum() / n_tokens.clamp(min=1)  # detached: the kernels' entropy carries no graph
+        else:
+            h_ref = torch.tensor(cfg.entropy_ref, device=rho.device)
         k_raw = ((sums[:, 1] / n_seg) / h_ref).pow(cfg.entropy_gamma).clamp(cfg.k_min, cfg.k_max)
         k = torch.where(h_ref == 0, torch.ones_like(k_raw), k_raw)
     ones = torch.ones_like(k)
@@ -103,7 +111,8 @@ def objective_fwd(
         dloss_drho = dloss_drho * keep
         loss_t = torch.where(use_floor, torch.minimum(loss_t, floor), loss_t)
 
-    weights = _token_weights(batch, cfg, n_tokens)
+    if weights is None:
+        weights = token_weights(batch, cfg)
     direct = torch.zeros_like(logp)  # dL_t/dl_t through the KL term
     if cfg.beta > 0:
         diff = batch.ref_logprobs.float() - logp
@@ -122,9 +131,9 @@ def objective_fwd(
     grad_entropy = _masked(mask, weights * -cfg.entropy_coef)
 
     s_count = (seg.max() + 1).clamp(min=0) if n else torch.zeros((), dtype=torch.int64, device=mask.device)
-    metrics = _metrics(mask, adv, rho, rho_t, lo_t, hi_t, logp, old, entropy_mean, n_tokens, s_count)
+    metric_sums = _metric_sums(mask, adv, rho, rho_t, lo_t, hi_t, logp, old, entropy, n_tokens, s_count)
     saved = (weighted_a, sensitivity[slot], direct, grad_entropy, seg)
-    return StepOutput(loss=loss, metrics=metrics, saved=saved)
+    return StepOutput(loss=loss, metric_sums=metric_sums, saved=saved)
 
 
 def objective_bwd(
@@ -143,24 +152,47 @@ def objective_bwd(
     return grad_logp, upstream * grad_entropy
 
 
-def _metrics(mask, adv, rho, rho_t, lo_t, hi_t, logp, old, entropy_mean, n_tokens, s_count):
-    """The SPEC's metrics as detached device tensors; every metric is 0 when nothing is masked in."""
-    denom = n_tokens.clamp(min=1)
-    low = (mask & (adv < 0) & (rho_t < lo_t)).sum().float() / denom
-    high = (mask & (adv > 0) & (rho_t > hi_t)).sum().float() / denom
+def _metric_sums(mask, adv, rho, rho_t, lo_t, hi_t, logp, old, entropy, n_tokens, s_count):
+    """Additive partial sums of the metrics (min / max combine by min / max), so chunks can be merged."""
     used = torch.arange(rho.shape[0], device=rho.device) < s_count
-    any_seg = s_count > 0
-    zero = torch.zeros((), device=rho.device)
-    inf = torch.full((1,), float("inf"), device=rho.device)  # keeps min/max defined when N = 0
+    inf = torch.full((1,), float("inf"), device=rho.device)  # keeps min / max defined when N = 0
     return {
-        "clip_frac_low": low,
-        "clip_frac_high": high,
-        "clip_frac": low + high,
-        "ratio_mean": torch.where(used, rho, zero).sum() / s_count.clamp(min=1).float(),
-        "ratio_min": torch.where(any_seg, torch.cat([torch.where(used, rho, inf), inf]).min(), zero),
-        "ratio_max": torch.where(any_seg, torch.cat([torch.where(used, rho, -inf), -inf]).max(), zero),
-        "entropy_mean": entropy_mean,
-        "approx_kl": _masked(mask, old - logp).sum() / denom,
-        "num_segments": s_count,
-        "mean_segment_len": n_tokens / s_count.clamp(min=1).float(),
+        "clip_low": (mask & (adv < 0) & (rho_t < lo_t)).sum().float(),
+        "clip_high": (mask & (adv > 0) & (rho_t > hi_t)).sum().float(),
+        "ratio_sum": torch.where(used, rho, 0.0).sum(),
+        "ratio_min": torch.cat([torch.where(used, rho, inf), inf]).min(),
+        "ratio_max": torch.cat([torch.where(used, rho, -inf), -inf]).max(),
+        "entropy_sum": entropy.sum(),
+        "kl_sum": _masked(mask, old - logp).sum(),
+        "tokens": n_tokens,
+        "segments": s_count,
+    }
+
+
+def merge_metric_sums(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Combine the partial sums of disjoint chunks of tokens (whole segments each)."""
+    merged = {k: torch.stack([p[k] for p in parts]).sum() for k in parts[0]}
+    merged["ratio_min"] = torch.stack([p["ratio_min"] for p in parts]).min()
+    merged["ratio_max"] = torch.stack([p["ratio_max"] for p in parts]).max()
+    return merged
+
+
+def finalize_metrics(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The SPEC's metrics as detached device tensors; every metric is 0 when nothing is masked in."""
+    tokens = sums["tokens"].clamp(min=1)
+    segments = sums["segments"]
+    any_seg = segments > 0
+    per_seg = segments.clamp(min=1).float()
+    zero = torch.zeros((), device=tokens.device)
+    return {
+        "clip_frac_low": sums["clip_low"] / tokens,
+        "clip_frac_high": sums["clip_high"] / tokens,
+        "clip_frac": (sums["clip_low"] + sums["clip_high"]) / tokens,
+        "ratio_mean": sums["ratio_sum"] / per_seg,
+        "ratio_min": torch.where(any_seg, sums["ratio_min"], zero),
+        "ratio_max": torch.where(any_seg, sums["ratio_max"], zero),
+        "entropy_mean": sums["entropy_sum"] / tokens,
+        "approx_kl": sums["kl_sum"] / tokens,
+        "num_segments": segments,
+        "mean_segment_len": sums["tokens"] / per_seg,
     }
