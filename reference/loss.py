@@ -167,7 +167,7 @@ def sspo_loss(
     else:
         h_ref = masked(entropy.detach()).sum() / max(n_tokens, 1)
 
-    per_token = torch.zeros(batch.num_tokens, dtype=torch.float64)
+    per_token = masked(logp) * 0.0  # zeros still attached to the graph, so an empty batch has a gradient
     clipped_low = torch.zeros(batch.num_tokens, dtype=torch.bool)
     clipped_high = torch.zeros(batch.num_tokens, dtype=torch.bool)
     ratios = []

@@ -214,8 +214,12 @@ def _token_tensor(name: str, value: object, shape: torch.Size, device: torch.dev
 
 
 def _device_check(ok: torch.Tensor, message: str) -> None:
-    """Raise ValueError(message) unless the 0-d bool `ok` holds, without a host sync on CUDA."""
-    if ok.device.type == "cpu":
+    """Raise ValueError(message) unless the 0-d bool `ok` holds, without a host sync on CUDA.
+
+    On the CPU in eager mode reading `ok` costs nothing, so the error is raised at once; on other
+    devices and under torch.compile the check runs as a device-side assert instead.
+    """
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(ok):
             raise ValueError(message)
     else:

@@ -1,0 +1,286 @@
+"""`sspo_loss` (both backends) against the float64 reference: loss, per-token outputs, metrics, gradients.
+
+The Triton backend runs under the interpreter on the CPU (conftest sets TRITON_INTERPRET=1), so its
+cases use small shapes; the torch backend is cheap and gets more random cases.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _assert import assert_close, assert_rel_norm
+from _cases import Batch, make_batch, pack
+
+import reference
+from sspo_kernels import SSPOLoss, sspo_loss
+from sspo_kernels.loss import METRIC_NAMES
+
+BACKENDS = ["torch", "triton"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GRANULARITIES = ["subsentence", "sentence", "sequence", "token", "segments"]
+AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "sum", "none"]
+# Clip widths large enough that some segments clip and some do not for log-ratios of scale 0.3.
+CLIP = dict(eps_low=0.2, eps_high=0.25)
+
+
+def _ulp(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def compare(
+    batch: Batch, granularity: str, *, backend: str, dtype: torch.dtype = torch.float32, inplace=False, **options
+):
+    """Run the reference (float64, on the dtype-rounded logits) and sspo_loss; compare everything."""
+    args, kwargs = batch.inputs(granularity)
+    kwargs.update(options)
+    rounded = batch.logits.detach().to(dtype)
+    ref_logits = rounded.double().requires_grad_(True)
+    ref = reference.sspo_loss(ref_logits, *args[1:], **kwargs)
+
+    leaf = rounded.clone().requires_grad_(True)
+    logits = leaf * 1 if inplace else leaf  # in place needs a non-leaf buffer to overwrite
+    inputs_before = [a.clone() for a in args[1:]] + [logits.detach().clone()]
+    out = sspo_loss(logits, *args[1:], backend=backend, inplace_backward=inplace, **kwargs)
+    for before, after in zip(inputs_before, [*args[1:], logits.detach()]):
+        assert torch.allclose(before, after, rtol=0, atol=0, equal_nan=True), "an input was modified"
+
+    # upstream gradient: a random weight per token for "none", a non-unit scalar otherwise
+    gen = torch.Generator().manual_seed(7)
+    upstream = torch.randn(ref.loss.shape, generator=gen, dtype=torch.float64) if ref.loss.dim() else 1.7
+    (ref.loss * upstream).sum().backward()
+    up = upstream.float() if isinstance(upstream, torch.Tensor) else upstream
+    (out.loss * up).sum().backward()
+
+    low = dtype != torch.float32
+    tol = dict(atol=1e-6, rtol=1e-4) if low else dict(atol=1e-5)
+    assert out.loss.dtype == torch.float32 and out.logprobs.dtype == torch.float32
+    assert_close("loss", out.loss, ref.loss, **tol)
+    assert_close("logprobs", out.logprobs, ref.logprobs, **tol)
+    assert_close("entropy", out.entropy, ref.entropy, **tol)
+    assert set(out.metrics) == set(ref.metrics) == set(METRIC_NAMES)
+    for name in METRIC_NAMES:
+        assert not out.metrics[name].requires_grad, name
+        assert_close(f"metrics[{name}]", out.metrics[name], ref.metrics[name], atol=1e-5)
+
+    grad, grad_ref = leaf.grad, ref_logits.grad
+    assert grad.dtype == dtype and grad.shape == grad_ref.shape
+    if low:
+        # within a couple of ulps of the correctly rounded float64 gradient (the interpreter truncates)
+        scale = grad_ref.abs().max().item()
+        assert_close("dlogits", grad, grad_ref, rtol=2 * _ulp(dtype), atol=1e-6 * scale + 1e-30)
+    else:
+        assert_rel_norm("dlogits", grad, grad_ref, tol=1e-5)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_every_granularity_and_aggregation(backend, granularity, mode):
+    batch = make_batch(3, [5, 0, 9, 1], seq_len=10, vocab=37, hole_p=0.2)
+    compare(batch, granularity, backend=backend, loss_agg_mode=mode, entropy_gamma=1.0, **CLIP)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dtypes_padded_and_packed(backend, dtype, seed):
+    batch = make_batch(seed, [7, 3, 11], seq_len=12, vocab=53, hole_p=0.15, logit_scale=3.0)
+    compare(batch, "subsentence", backend=backend, dtype=dtype, **CLIP)
+    compare(pack(batch), "subsentence", backend=backend, dtype=dtype, **CLIP)
+
+
+OPTION_SETS = {
+    "kl-entropy-dualclip-temperature": dict(beta=0.1, entropy_coef=0.01, dual_clip=3.0, temperature=0.7),
+    "ratio-grad-token": dict(ratio_grad="token"),
+    "clamp-binds": dict(log_ratio_clamp=0.15),
+    "fixed-entropy-ref-low-only": dict(entropy_ref=1.3, entropy_gamma=2.0, adapt_high=False),
+    "entropy-ref-zero": dict(entropy_ref=0.0, entropy_gamma=1.0),
+    "caller-normalizer": dict(normalizer=17.0),
+    "normalizer-tensor-seq-mean": dict(normalizer=torch.tensor(5.0), loss_agg_mode="seq-mean-token-mean"),
+    "norm-len": dict(loss_agg_mode="seq-mean-token-sum-norm", norm_len=64),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+@pytest.mark.parametrize("per_token_adv", [False, True], ids=["adv-per-response", "adv-per-token"])
+def test_options(backend, options, per_token_adv):
+    batch = make_batch(11, [6, 9, 4], seq_len=9, vocab=29, hole_p=0.2, per_token_adv=per_token_adv)
+    compare(batch, "subsentence", backend=backend, **{**CLIP, **options})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_inplace_backward(backend, dtype):
+    batch = make_batch(5, [8, 6], seq_len=8, vocab=41, hole_p=0.2)
+    compare(batch, "subsentence", backend=backend, dtype=dtype, inplace=True, **CLIP)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_overwrites_the_logits_buffer(backend):
+    batch = make_batch(6, [5, 7], vocab=23)
+    args, kwargs = batch.inputs("sequence")
+    buf = batch.logits.detach().float().clone().requires_grad_(True)
+    logits = buf * 1
+    ptr = logits.data_ptr()
+    out = sspo_loss(logits, *args[1:], backend=backend, inplace_backward=True, **kwargs)
+    out.loss.backward()
+    assert logits.data_ptr() == ptr
+    assert_close("dlogits written in place", logits.detach(), buf.grad, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_view_of_a_bigger_tensor(backend):
+    batch = make_batch(8, [6, 4, 7], seq_len=7, vocab=31)
+    big = torch.randn(3, 9, 40, dtype=torch.float64)
+    big[:, 1:-1, :31] = batch.logits.detach()
+    view = big[:, 1:-1, :31]
+    assert not view.is_contiguous()
+    batch.logits = view
+    compare(batch, "subsentence", backend=backend, **CLIP)
+
+
+DEGENERATE = {
+    "all-masked": dict(lengths=[0, 0, 0]),
+    "one-token-responses": dict(lengths=[1, 1, 1]),
+    "empty-and-full": dict(lengths=[0, 8, 0]),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", DEGENERATE.values(), ids=DEGENERATE.keys())
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "none"])
+def test_degenerate_batches_are_finite(backend, case, mode):
+    batch = make_batch(9, case["lengths"], seq_len=8, vocab=19)
+    out = compare(batch, "subsentence", backend=backend, loss_agg_mode=mode, **CLIP)
+    assert torch.isfinite(out.loss).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_boundary_after_every_token_is_token_granularity(backend):
+    batch = make_batch(4, [6, 9], vocab=17)
+    batch.boundary = torch.ones_like(batch.boundary)
+    sub = compare(batch, "subsentence", backend=backend, entropy_gamma=0.0, **CLIP)
+    tok = compare(batch, "token", backend=backend, entropy_gamma=0.0, **CLIP)
+    assert_close("loss", sub.loss, tok.loss, atol=0)
+    assert int(sub.metrics["num_segments"]) == int(batch.mask.sum())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_logits_propagate(backend):
+    batch = make_batch(2, [5, 5], vocab=13)
+    logits = batch.logits.detach().float().clone()
+    row = int(torch.nonzero(batch.mask.reshape(-1))[0])
+    logits.reshape(-1, 13)[row, 3] = float("nan")
+    args, kwargs = batch.inputs("subsentence", logits=logits)
+    out = sspo_loss(*args, backend=backend, **kwargs, **CLIP)
+    assert torch.isnan(out.loss) and torch.isnan(out.logprobs.reshape(-1)[row])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_magnitude_logits(backend):
+    batch = make_batch(12, [9, 7], vocab=61, logit_scale=1e3, log_ratio_scale=0.01)
+    # sampled tokens are the likely ones: l_t near 0 keeps the SPEC's absolute tolerance meaningful in fp32
+    # (an fp32 log-prob of -2000 has an ulp of 2.4e-4)
+    top2 = batch.logits.detach().topk(2, dim=-1).indices
+    batch.tokens = torch.where(batch.tokens >= 0, top2[..., 0], batch.tokens)
+    batch.tokens[0, 1] = top2[0, 1, 1]  # one runner-up token, a few units of log-prob below the top
+    batch.old_logprobs = reference.naive_logprob_entropy(batch.logits.detach(), batch.tokens)[0] - 0.01
+    compare(batch, "sequence", backend=backend, eps_low=0.005, eps_high=0.005)
+
+
+def test_module_form_matches_function():
+    batch = make_batch(1, [6, 4], vocab=11)
+    args, kwargs = batch.inputs("subsentence")
+    module = SSPOLoss("subsentence", boundary=kwargs.pop("boundary"), backend="torch", **CLIP)
+    kwargs.pop("granularity")
+    a = module(*args, **kwargs)
+    b = sspo_loss(*args, granularity="subsentence", boundary=batch.boundary, backend="torch", **kwargs, **CLIP)
+    assert_close("loss", a.loss, b.loss, atol=0)
+    assert "granularity='subsentence'" in repr(module)
+    with pytest.raises(TypeError, match="eps_lo"):
+        SSPOLoss(eps_lo=0.1)
+
+
+def test_bad_backend_and_flags():
+    batch = make_batch(1, [3], vocab=5)
+    args, kwargs = batch.inputs("token")
+    with pytest.raises(ValueError, match="backend"):
+        sspo_loss(*args, backend="cuda", **kwargs)
+    with pytest.raises(TypeError, match="inplace_backward"):
+        sspo_loss(*args, inplace_backward=1, **kwargs)
+    with pytest.raises(ValueError, match="chunk_size"):
+        sspo_loss(*args, chunk_size=0, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_gpu_matches_reference_and_is_deterministic(granularity):
+    batch = make_batch(21, [37, 120, 0, 64], seq_len=128, vocab=5003, hole_p=0.1)
+    out = compare(batch, granularity, backend="triton", dtype=torch.bfloat16, **CLIP)
+    del out
+    args, kwargs = batch.inputs(granularity)
+    runs = []
+    for _ in range(2):
+        logits = batch.logits.detach().to("cuda", torch.bfloat16).requires_grad_(True)
+        moved = [a.cuda() for a in args[1:]]
+        kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        o = sspo_loss(logits, *moved, **kw, **CLIP)
+        o.loss.backward()
+        runs.append((o.loss.detach(), logits.grad, o.logprobs, o.metrics["clip_frac"]))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), "two identical runs differ"
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture():
+    batch = make_batch(22, [50, 80, 10], seq_len=96, vocab=3001)
+    args, kwargs = batch.inputs("subsentence")
+    moved = [a.cuda() for a in args[1:]]
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    logits = batch.logits.detach().to("cuda", torch.bfloat16).requires_grad_(True)
+
+    def step():
+        logits.grad = None
+        out = sspo_loss(logits, *moved, **kw, **CLIP)
+        out.loss.backward()
+        return out.loss.detach()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            eager = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    eager_grad = logits.grad.clone()
+    graph = torch.cuda.CUDAGraph()
+    logits.grad = None
+    with torch.cuda.graph(graph):
+        captured = sspo_loss(logits, *moved, **kw, **CLIP).loss
+        captured.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+    assert torch.equal(logits.grad, eager_grad)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager():
+    """The whole loss traces into one graph (no host sync, no data-dependent shape); ~30 s of compile."""
+    batch = make_batch(0, [6, 9, 4], seq_len=9, vocab=29, hole_p=0.2)
+    args, kwargs = batch.inputs("subsentence")
+
+    def loss_and_metric(logits, *rest):
+        out = sspo_loss(logits, *rest, backend="torch", **kwargs)
+        return out.loss, out.metrics["clip_frac"]
+
+    eager_logits = batch.logits.detach().float().requires_grad_(True)
+    compiled_logits = eager_logits.detach().clone().requires_grad_(True)
+    eager = loss_and_metric(eager_logits, *args[1:])
+    eager[0].backward()
+    compiled = torch.compile(loss_and_metric, fullgraph=True)(compiled_logits, *args[1:])
+    compiled[0].backward()
+    assert_close("loss", compiled[0], eager[0], atol=1e-6)
+    assert_close("clip_frac", compiled[1], eager[1], atol=0)
+    assert_rel_norm("dlogits", compiled_logits.grad, eager_logits.grad, tol=1e-6)
