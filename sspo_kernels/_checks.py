@@ -356,7 +356,7 @@ def prepare_inputs(
                 )
             norm_t = normalizer.reshape(()).to(device=device, dtype=torch.float32)
         else:
-            norm_t = torch.tensor(_finite_number("normalizer", normalizer, positive=True), device=device)
+            norm_t = torch.full((), _finite_number("normalizer", normalizer, positive=True), device=device)
     if cfg.loss_agg_mode == "seq-mean-token-sum-norm":
         if norm_len is None and seq_len is None:
             raise ValueError('loss_agg_mode="seq-mean-token-sum-norm" on a packed batch needs norm_len')

@@ -88,7 +88,7 @@ def objective_fwd(
         if cfg.entropy_ref == "batch":
             h_ref = entropy.sum() / n_tokens.clamp(min=1)  # detached: the kernels' entropy carries no graph
         else:
-            h_ref = torch.tensor(cfg.entropy_ref, device=rho.device)
+            h_ref = torch.full((), cfg.entropy_ref, device=rho.device)  # a fill: no host copy, capturable
         k_raw = ((sums[:, 1] / n_seg) / h_ref).pow(cfg.entropy_gamma).clamp(cfg.k_min, cfg.k_max)
         k = torch.where(h_ref == 0, torch.ones_like(k_raw), k_raw)
     ones = torch.ones_like(k)
