@@ -132,7 +132,11 @@ def objective_fwd(
 
     s_count = (seg.max() + 1).clamp(min=0) if n else torch.zeros((), dtype=torch.int64, device=mask.device)
     metric_sums = _metric_sums(mask, adv, rho, rho_t, lo_t, hi_t, logp, old, entropy, n_tokens, s_count)
-    saved = (weighted_a, sensitivity[slot], direct, grad_entropy, seg)
+    pieces = (weighted_a, sensitivity[slot], direct, grad_entropy, seg)
+    if cfg.loss_agg_mode == "none":
+        saved = pieces  # the upstream gradient varies per token: combine in backward
+    else:  # a scalar loss: keep only the coefficients for a unit upstream gradient (8 bytes a token)
+        saved = _coefficients(pieces, torch.ones(1, device=mask.device), cfg, use_triton=use_triton)
     return StepOutput(loss=loss, metric_sums=metric_sums, saved=saved)
 
 
@@ -140,8 +144,16 @@ def objective_bwd(
     saved: tuple[torch.Tensor, ...], grad_loss: torch.Tensor, cfg: LossConfig, *, use_triton: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dLoss/dl_t and dLoss/dH_t, (N,) fp32, for the upstream gradient `grad_loss` (0-d, or (N,) for "none")."""
-    weighted_a, sensitivity_t, direct, grad_entropy, seg = saved
     upstream = grad_loss.float().reshape(-1)  # (1,) for a scalar loss, (N,) for "none"
+    if cfg.loss_agg_mode == "none":
+        return _coefficients(saved, upstream, cfg, use_triton=use_triton)
+    grad_logp, grad_entropy = saved  # computed in forward for a unit upstream gradient
+    return upstream * grad_logp, upstream * grad_entropy
+
+
+def _coefficients(pieces, upstream: torch.Tensor, cfg: LossConfig, *, use_triton: bool):
+    """dLoss/dl_t and dLoss/dH_t from the per-token gradient pieces and the upstream gradient."""
+    weighted_a, sensitivity_t, direct, grad_entropy, seg = pieces
     if cfg.ratio_grad == "exact":
         # dLoss/dl_t = (rho_s / n_s) * sum over the segment's tokens t' of upstream * w_t' * a_t'
         per_seg = segment_sum((upstream * weighted_a).unsqueeze(1), seg, use_triton=use_triton)
