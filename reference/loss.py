@@ -200,7 +200,7 @@ def sspo_loss(
         clipped_high[idx] = (a > 0) & (rho.detach() > hi)
 
     if cfg.beta > 0:
-        diff = batch.ref_logprobs.double() - logp
+        diff = masked(batch.ref_logprobs.double() - logp)  # masked before exp: no 0 * inf where masked out
         per_token = per_token + cfg.beta * masked(diff.exp() - diff - 1)
     if cfg.entropy_coef > 0:
         per_token = per_token - cfg.entropy_coef * masked(entropy)

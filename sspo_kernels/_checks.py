@@ -196,6 +196,14 @@ def _tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
+def _side_table(name: str, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small side input (boundary table, cu_seqlens, normaliser): on the logits' device, or on the
+    CPU and copied there (tables are built on the host once); any other device is an error."""
+    if t.device != device and t.device.type != "cpu":
+        raise ValueError(f"{name} is on {t.device} but logits are on {device}; keep it on the CPU or that device")
+    return t.to(device, non_blocking=True)
+
+
 def _same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but logits are on {device}; move it to the same device")
@@ -243,7 +251,7 @@ def response_layout(
             raise ValueError(f"cu_seqlens must be 1-D with B + 1 >= 2 offsets, got shape {tuple(cu.shape)}")
         if cu.is_floating_point() or cu.dtype == torch.bool:
             raise TypeError(f"cu_seqlens must be an integer tensor, got {cu.dtype}")
-        cu = cu.to(device=device, dtype=torch.int64)
+        cu = _side_table("cu_seqlens", cu, device).long()
         ok = (cu[0] == 0) & (cu[-1] == n) & (cu[1:] >= cu[:-1]).all()
         _device_check(ok, f"cu_seqlens must start at 0, be non-decreasing and end at the token count {n}")
         return cu.numel() - 1, None, torch.searchsorted(cu[1:], torch.arange(n, device=device), right=True)
@@ -299,6 +307,7 @@ def prepare_inputs(
     _same_device("advantages", adv, device)
     if not adv.is_floating_point():
         raise TypeError(f"advantages must be a floating-point tensor, got {adv.dtype}")
+    # Shaped like tokens means per token, also in the ambiguous case of a packed batch with N == B.
     if adv.shape == token_shape:
         adv_f = adv.reshape(-1)
     elif adv.shape == (num_responses,):
@@ -337,7 +346,7 @@ def prepare_inputs(
             )
         if boundary.dtype != torch.bool:
             raise TypeError(f"boundary must be a bool tensor, got {boundary.dtype}")
-        boundary = boundary.to(device)
+        boundary = _side_table("boundary", boundary, device)
     else:
         boundary = None
 
@@ -354,7 +363,9 @@ def prepare_inputs(
                 raise ValueError(
                     f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}"
                 )
-            norm_t = normalizer.reshape(()).to(device=device, dtype=torch.float32)
+            norm_t = _side_table("normalizer", normalizer, device).reshape(()).float()
+            # a global count of 0 (every rank empty) must give a zero loss, not 0 / 0
+            norm_t = torch.where(norm_t > 0, norm_t, torch.ones_like(norm_t))
         else:
             norm_t = torch.full((), _finite_number("normalizer", normalizer, positive=True), device=device)
     if cfg.loss_agg_mode == "seq-mean-token-sum-norm":

@@ -919,11 +919,6 @@ def test_all_masked_batch_gets_zero_gradient(packed, extra):
     assert_close("dlogits", logits.grad, torch.zeros_like(logits))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reference gap: a caller-given normalizer tensor of 0 (the global count when every rank is "
-    "empty) is divided by as is, so an all-masked batch gives NaN",
-)
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_all_masked_batch_with_zero_global_normalizer(agg):
     batch = _all_masked(packed=False)
@@ -1105,12 +1100,6 @@ def test_bad_input_names_the_argument(packed, changes, error, pattern):
         _call({**call, **changes})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="_checks moves boundary / cu_seqlens / normalizer with .to(device) instead of checking the "
-    "device, so a mismatch is not reported as a ValueError naming the argument",
-)
 @pytest.mark.parametrize(
     ("packed", "name", "value"),
     [
@@ -1139,14 +1128,7 @@ def test_ignore_index_is_allowed_where_masked_out():
     [
         "old_logprobs",
         "advantages",
-        pytest.param(
-            "ref_logprobs",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="reference bug: the KL term is masked with torch.where after exp(ref - l), so a "
-                "non-finite ref_logprobs at a masked-out token makes that row's gradient NaN (0 * inf)",
-            ),
-        ),
+        "ref_logprobs",
     ],
 )
 def test_non_finite_values_where_masked_out_are_ignored(field):

@@ -115,7 +115,7 @@ def objective_fwd(
         weights = token_weights(batch, cfg)
     direct = torch.zeros_like(logp)  # dL_t/dl_t through the KL term
     if cfg.beta > 0:
-        diff = batch.ref_logprobs.float() - logp
+        diff = _masked(mask, batch.ref_logprobs.float() - logp)
         loss_t = loss_t + cfg.beta * (diff.exp() - diff - 1)
         direct = cfg.beta * (1 - diff.exp())
     if cfg.entropy_coef > 0:
