@@ -87,7 +87,7 @@ class SSPOLossFunction(torch.autograd.Function):
         fwd, _ = vocab_pass(use_triton, chunk_size)
         logp, entropy, lse = fwd(batch.logits, batch.tokens, batch.mask, cfg.temperature)
         step = objective_fwd(logp, entropy, seg, batch, cfg, use_triton=use_triton)
-        ctx.save_for_backward(batch.logits, batch.tokens, batch.mask, lse, entropy, *step.saved)
+        ctx.save_for_backward(batch.logits, batch.tokens, batch.mask, lse, entropy, logp, *step.saved)
         ctx.cfg, ctx.use_triton, ctx.inplace, ctx.chunk_size = cfg, use_triton, inplace, chunk_size
         metrics = tuple(finalize_metrics(step.metric_sums)[name] for name in METRIC_NAMES)
         ctx.mark_non_differentiable(logp, entropy, *metrics)
@@ -95,20 +95,19 @@ class SSPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        logits, tokens, mask, lse, entropy, *saved = ctx.saved_tensors
+        logits, tokens, mask, lse, entropy, logp, *saved = ctx.saved_tensors
         grad_logp, grad_entropy = objective_bwd(saved, grad_loss, ctx.cfg, use_triton=ctx.use_triton)
         _, bwd = vocab_pass(ctx.use_triton, ctx.chunk_size)
+        extra = {}
+        if ctx.use_triton:
+            # p relative to the target logit is exact where |l_t| << |lse| (large logits); and no
+            # entropy term at all when the entropy bonus is off
+            extra["logp"] = logp
+            grad_entropy = grad_entropy if ctx.cfg.entropy_coef > 0 else None
         grad = bwd(
-            logits,
-            tokens,
-            mask,
-            lse,
-            entropy,
-            grad_logp,
-            grad_entropy,
-            ctx.cfg.temperature,
-            inplace=ctx.inplace,
-        )
+            logits, tokens, mask, lse, entropy, grad_logp, grad_entropy, ctx.cfg.temperature,
+            inplace=ctx.inplace, **extra,
+        )  # fmt: skip
         return grad, None, None, None, None, None, None
 
 
