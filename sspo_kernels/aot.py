@@ -67,6 +67,8 @@ def _kernel_specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], torc
     Sizes are i32 and strides i64 (a stride past 2^31 elements is the case that matters).
     """
     from sspo_kernels.ops.logprob_entropy import logprob_entropy_bwd_kernel, logprob_entropy_fwd_kernel
+    from sspo_kernels.ops.segment import SEGMENT_BLOCK_T, SEGMENT_NUM_WARPS
+    from sspo_kernels.ops.segment_kernels import segment_sum_kernel
 
     sizes = {"row_start": "i32", "V": "i32", "T": "i32", "stride_b": "i64", "stride_t": "i64"}
     specs = []
@@ -98,6 +100,17 @@ def _kernel_specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], torc
             for has_grad_entropy in (True, False):
                 constexprs = {"BLOCK_V": block_v, "HAS_GRAD_ENTROPY": has_grad_entropy}
                 specs.append(("logprob_entropy_bwd", logprob_entropy_bwd_kernel, bwd, constexprs, dtype, num_warps))
+    # the deterministic segmented sum of the segment step: K = 3 columns in forward, 1 in backward
+    seg_sum = {
+        "values_ptr": "*fp32",
+        **{p: "*i64" for p in ("seg_ptr", "start_ptr", "end_ptr")},
+        "out_ptr": "*fp32",
+        "K": "i32",
+        "stride_v": "i32",
+    }
+    for block_k in (1, 4):
+        constexprs = {"BLOCK_T": SEGMENT_BLOCK_T, "BLOCK_K": block_k}
+        specs.append(("segment_sum", segment_sum_kernel, seg_sum, constexprs, torch.float32, SEGMENT_NUM_WARPS))
     return specs
 
 
@@ -181,7 +194,7 @@ def _compile_job(job: tuple[int, int, int]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "kernel": name,
         "dtype": _TRITON_TYPE[dtype],
-        "block_v": constexprs["BLOCK_V"],
+        "block_v": constexprs.get("BLOCK_V", f"{constexprs.get('BLOCK_T')}x{constexprs.get('BLOCK_K')}"),
         "num_warps": num_warps,
         "variant": variant,
         "align": align,

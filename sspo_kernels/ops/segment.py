@@ -16,6 +16,11 @@ import torch
 
 from sspo_kernels._utils import new_empty
 
+# 128 tokens a step over 4 warps: one token per thread, so the [BLOCK_T, BLOCK_K] accumulator is a
+# few registers per thread; a segment of n tokens takes ceil(n / 128) steps of one program.
+SEGMENT_BLOCK_T = 128
+SEGMENT_NUM_WARPS = 4
+
 
 def segment_bounds(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """First and one-past-last token index of every segment slot 0..N-1 (both N for unused slots).
@@ -48,10 +53,9 @@ def segment_sum(values: torch.Tensor, seg: torch.Tensor, *, use_triton: bool) ->
         return out
     values = values.contiguous()
     start, end = segment_bounds(seg)
-    # 128 tokens per step keeps the [BLOCK_T, BLOCK_K] accumulator at a few registers per thread.
     segment_sum_kernel[(n,)](
         values, seg, start, end, out, k, values.stride(0),
-        BLOCK_T=128, BLOCK_K=triton.next_power_of_2(k), num_warps=4,
+        BLOCK_T=SEGMENT_BLOCK_T, BLOCK_K=triton.next_power_of_2(k), num_warps=SEGMENT_NUM_WARPS,
     )  # fmt: skip
     return out
 
