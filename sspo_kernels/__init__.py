@@ -5,15 +5,18 @@ Importing this package touches no device and reads no environment variable.
 
 from sspo_kernels._checks import SSPOOutput
 from sspo_kernels.boundary import SENTENCE_CHARS, SUBSENTENCE_CHARS, boundary_table
+from sspo_kernels.fused_linear import SSPOLossFromHidden, sspo_loss_from_hidden
 from sspo_kernels.loss import SSPOLoss, segment_ids, sspo_loss
 
 __all__ = [
     "SENTENCE_CHARS",
     "SUBSENTENCE_CHARS",
     "SSPOLoss",
+    "SSPOLossFromHidden",
     "SSPOOutput",
     "boundary_table",
     "segment_ids",
     "sspo_loss",
+    "sspo_loss_from_hidden",
 ]
 __version__ = "0.1.0"

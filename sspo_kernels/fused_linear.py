@@ -1,0 +1,480 @@
+"""`sspo_loss_from_hidden`: the loss of SPEC.md from the last hidden states and the output projection,
+z_t = W h_t + b, without ever holding the `(N, V)` logits.
+
+Tokens are processed in chunks of rows. Per chunk: the logits `hidden_c @ weight.T (+ bias)` in the
+input dtype (fp32 accumulation inside the matmul), the vocabulary pass of the backend (`vocab_pass`:
+Triton on CUDA, chunked PyTorch on the CPU), and later the chunk's gradient, whose dLoss/dlogits is
+written over the chunk's logits buffer (`inplace=True`) and turned into
+    grad_hidden_c = dlogits_c @ W,   grad_W += dlogits_c^T @ hidden_c,   grad_b += sum_rows dlogits_c,
+with grad_W and grad_b summed over chunks in fp32 buffers and returned in the parameters' dtype.
+
+Two schedules, chosen by `plan_chunks`:
+- two-phase (always valid): the forward keeps only O(N) fp32 per-token statistics (logp, entropy,
+  lse); the segment step then runs on the whole batch; the backward recomputes each chunk's logits.
+  Costs one extra matmul per chunk.
+- single-pass: each chunk's statistics, segment step and gradient (for a unit upstream gradient) are
+  produced while its logits are in memory; the forward keeps grad_hidden and the fp32 grad_W / grad_b
+  and the backward only scales them by the upstream scalar. Needs every chunk to hold whole segments
+  and nothing in a segment's objective to depend on other chunks (see `plan_chunks`).
+
+No host syncs in either schedule: chunk bounds come from shapes (or from a CPU `cu_seqlens`), and the
+chunk's segment ids are re-based with device arithmetic.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from sspo_kernels._checks import FlatBatch, LossConfig, SSPOOutput, make_config, prepare_inputs
+from sspo_kernels.loss import METRIC_NAMES, resolve_backend, vocab_pass
+from sspo_kernels.ops.objective import (
+    finalize_metrics,
+    merge_metric_sums,
+    objective_bwd,
+    objective_fwd,
+    token_weights,
+)
+from sspo_kernels.ops.segment import compute_segment_ids
+
+# Bytes of one chunk's logits counted in fp32 (rows * V * 4), by device type. The chunked-torch
+# vocabulary pass is handed the same rows per call, so on the CPU a chunk costs its logits plus two
+# fp32 temporaries of that size (~48 MiB at the default): few, large elementwise ops, which keep their
+# speed when the cores are shared (bench/liger_compare.py; on a busy 2-core EPYC, N=2048 H=1024
+# V=32000: 131 and 512 rows per chunk within 10 % of each other on one thread, and 131 rows keep the
+# peak extra memory at about half of Liger's fused GRPO loss).
+# On a GPU every chunk reads the whole weight (V x H), so a chunk needs a few hundred rows to be
+# matmul-bound rather than weight-read-bound: 256 MiB gives 441 rows at V=152064 and 2097 at 32000.
+CHUNK_BYTES = {"cuda": 1 << 28}
+DEFAULT_CHUNK_BYTES = 1 << 24
+
+
+def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
+    """Tokens per chunk: as many rows as make `CHUNK_BYTES` of fp32 logits (at least 1)."""
+    budget = CHUNK_BYTES.get(torch.device(device).type, DEFAULT_CHUNK_BYTES)
+    return max(1, budget // (4 * max(vocab_size, 1)))
+
+
+# ---------------------------------------------------------------- chunk planning
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    single_pass: bool
+    bounds: tuple[tuple[int, int], ...]  # [start, end) token ranges covering 0..N in order
+    reason: str  # why the single-pass schedule is not possible ("" when it is)
+
+
+def _fixed_bounds(n: int, chunk: int) -> tuple[tuple[int, int], ...]:
+    return tuple((s, min(s + chunk, n)) for s in range(0, n, chunk)) or ((0, 0),)
+
+
+def _whole_response_bounds(
+    token_shape: tuple[int, ...], cu_seqlens: torch.Tensor | None, chunk: int
+) -> tuple[tuple[tuple[int, int], ...] | None, str]:
+    """Chunks of whole responses of at most `chunk` tokens, planned on the host, or (None, why not)."""
+    n = math.prod(token_shape)
+    if cu_seqlens is None:
+        seq_len = token_shape[1] if len(token_shape) == 2 else n
+        if seq_len > chunk:
+            return None, f"a response of {seq_len} tokens is longer than chunk_size={chunk}"
+        rows = chunk // max(seq_len, 1)
+        return _fixed_bounds(n, rows * max(seq_len, 1)), ""
+    if cu_seqlens.device.type != "cpu":
+        return None, "cu_seqlens is on the device: planning chunks of whole responses would read it back"
+    offsets = [int(o) for o in cu_seqlens.tolist()]
+    longest = max(b - a for a, b in itertools.pairwise(offsets))
+    if longest > chunk:
+        return None, f"a response of {longest} tokens is longer than chunk_size={chunk}"
+    bounds, start, prev = [], 0, 0
+    for end in offsets[1:]:
+        if end - start > chunk:  # close the chunk before this response
+            bounds.append((start, prev))
+            start = prev
+        prev = end
+    bounds.append((start, prev))
+    return tuple(bounds), ""
+
+
+def plan_chunks(
+    cfg: LossConfig,
+    token_shape: tuple[int, ...],
+    cu_seqlens: torch.Tensor | None,
+    chunk_size: int,
+    single_pass: bool | None = None,
+) -> ChunkPlan:
+    """The schedule and the chunks of tokens (see `sspo_loss_from_hidden` for the rules)."""
+    n = math.prod(token_shape)
+    adapts = cfg.entropy_gamma != 0 and (cfg.adapt_low or cfg.adapt_high)
+    bounds, reason = None, ""
+    if cfg.loss_agg_mode == "none":
+        reason = 'loss_agg_mode="none" has a per-token upstream gradient, known only in backward'
+    elif adapts and cfg.entropy_ref == "batch":
+        reason = 'entropy_ref="batch" needs the mean entropy of the whole batch before any clip bound'
+    elif cfg.granularity == "token":
+        bounds = _fixed_bounds(n, chunk_size)
+    else:
+        bounds, reason = _whole_response_bounds(token_shape, cu_seqlens, chunk_size)
+    if single_pass is True and bounds is None:
+        raise ValueError(f"single_pass=True is not possible here: {reason}")
+    if single_pass is False or bounds is None:
+        return ChunkPlan(False, _fixed_bounds(n, chunk_size), reason or "single_pass=False")
+    return ChunkPlan(True, bounds, "")
+
+
+# ---------------------------------------------------------------- per-chunk pieces
+
+
+def _rows(bounds: tuple[tuple[int, int], ...]) -> int:
+    """The largest chunk: the torch vocabulary pass takes a whole chunk per step."""
+    return max(1, *(e - s for s, e in bounds))
+
+
+def _chunk_logits(hidden_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(rows, V) logits in the input dtype, a fresh contiguous buffer (the backward overwrites it)."""
+    if bias is None:
+        return torch.mm(hidden_c, weight.t())
+    return torch.addmm(bias, hidden_c, weight.t())
+
+
+def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, accumulated in fp32 whatever the dtype of a and b."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda:
+        try:  # cuBLAS with fp32 output for bf16 / fp16 inputs (torch >= 2.8); out=acc adds in place
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    acc.addmm_(a.float(), b.float())  # chunk-sized fp32 copies
+
+
+@dataclass
+class _Grads:
+    """Gradient buffers of the parameters that need one (None otherwise)."""
+
+    hidden: torch.Tensor | None  # (N, H) in hidden's dtype
+    weight: torch.Tensor | None  # (V, H) fp32
+    bias: torch.Tensor | None  # (V,) fp32
+
+    @classmethod
+    def empty(cls, hidden, weight, bias, needs) -> _Grads:
+        return cls(
+            hidden=torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs[0] else None,
+            weight=torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None,
+            bias=torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs[2] else None,
+        )
+
+    def add_chunk(self, dlogits: torch.Tensor, hidden_c: torch.Tensor, weight: torch.Tensor, s: int, e: int):
+        if self.hidden is not None:
+            torch.mm(dlogits, weight, out=self.hidden[s:e])
+        if self.weight is not None:
+            _add_product_fp32(self.weight, dlogits.t(), hidden_c)
+        if self.bias is not None:
+            self.bias.add_(dlogits.sum(0, dtype=torch.float32))
+
+
+def _chunk_batch(batch: FlatBatch, s: int, e: int) -> FlatBatch:
+    """The per-token fields of `batch` restricted to tokens [s, e)."""
+    cut = lambda t: None if t is None else t[s:e]
+    return replace(
+        batch, tokens=batch.tokens[s:e], mask=batch.mask[s:e], old_logprobs=batch.old_logprobs[s:e],
+        advantages=batch.advantages[s:e], ref_logprobs=cut(batch.ref_logprobs),
+        response_ids=batch.response_ids[s:e], segment_ids=cut(batch.segment_ids), token_shape=(e - s,),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- the two schedules
+
+
+def _two_phase_fwd(hidden, weight, bias, batch, seg, cfg, bounds, use_triton):
+    """Per-token statistics chunk by chunk, then the segment step on the whole batch."""
+    fwd, _ = vocab_pass(use_triton, _rows(bounds))
+    n = batch.num_tokens
+    stats = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+    for s, e in bounds:
+        logits = _chunk_logits(hidden[s:e], weight, bias)
+        for out, value in zip(stats, fwd(logits, batch.tokens[s:e], batch.mask[s:e], cfg.temperature)):
+            out[s:e] = value
+        del logits
+    logp, entropy, lse = stats
+    step = objective_fwd(logp, entropy, seg, batch, cfg, use_triton=use_triton)
+    return step.loss, logp, entropy, lse, finalize_metrics(step.metric_sums), step.saved
+
+
+def _two_phase_bwd(hidden, weight, bias, tokens, mask, lse, entropy, saved, grad_loss, cfg, bounds, use_triton, needs):
+    """Recompute each chunk's logits and turn them into its gradients."""
+    grad_logp, grad_entropy = objective_bwd(saved, grad_loss, cfg, use_triton=use_triton)
+    _, bwd = vocab_pass(use_triton, _rows(bounds))
+    grads = _Grads.empty(hidden, weight, bias, needs)
+    for s, e in bounds:
+        logits = _chunk_logits(hidden[s:e], weight, bias)
+        dlogits = bwd(
+            logits, tokens[s:e], mask[s:e], lse[s:e], entropy[s:e], grad_logp[s:e], grad_entropy[s:e],
+            cfg.temperature, inplace=True,
+        )  # fmt: skip
+        grads.add_chunk(dlogits, hidden[s:e], weight, s, e)
+        del logits, dlogits
+    return grads
+
+
+def _single_pass_fwd(hidden, weight, bias, batch, seg, cfg, bounds, use_triton, needs):
+    """Statistics, segment step and unit-upstream gradients of each chunk while its logits are live."""
+    fwd, bwd = vocab_pass(use_triton, _rows(bounds))
+    n, device = batch.num_tokens, hidden.device
+    weights = token_weights(batch, cfg)  # whole-batch normalisers, computed once
+    # Segment ids are numbered in token order and chunks hold whole segments, so a chunk's first id is
+    # one more than the largest id before it: a running max gives it without reading anything back.
+    seen = seg.cummax(0).values if n else seg
+    unit = torch.ones((), dtype=torch.float32, device=device)
+    logp = torch.empty(n, dtype=torch.float32, device=device)
+    entropy = torch.empty(n, dtype=torch.float32, device=device)
+    grads = _Grads.empty(hidden, weight, bias, needs)
+    losses, parts = [], []
+    for s, e in bounds:
+        sub = _chunk_batch(batch, s, e)
+        first = seen[s - 1] + 1 if s > 0 else 0
+        seg_c = torch.where(seg[s:e] >= 0, seg[s:e] - first, -1)
+        logits = _chunk_logits(hidden[s:e], weight, bias)
+        lp, ent, lse = fwd(logits, sub.tokens, sub.mask, cfg.temperature)
+        step = objective_fwd(lp, ent, seg_c, sub, cfg, use_triton=use_triton, weights=weights[s:e])
+        losses.append(step.loss)
+        parts.append(step.metric_sums)
+        logp[s:e], entropy[s:e] = lp, ent
+        if any(needs):
+            grad_logp, grad_entropy = objective_bwd(step.saved, unit, cfg, use_triton=use_triton)
+            dlogits = bwd(
+                logits, sub.tokens, sub.mask, lse, ent, grad_logp, grad_entropy, cfg.temperature, inplace=True
+            )
+            grads.add_chunk(dlogits, hidden[s:e], weight, s, e)
+            del dlogits
+        del logits
+    loss = torch.stack(losses).sum()
+    return loss, logp, entropy, finalize_metrics(merge_metric_sums(parts)), grads
+
+
+def _finish(grad: torch.Tensor | None, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """grad (times the upstream `scale`, if given) in `dtype`; in place where the dtypes allow."""
+    if grad is None:
+        return None
+    if scale is None:
+        return grad.to(dtype)
+    if grad.dtype == torch.float32:
+        return grad.mul_(scale).to(dtype)
+    return grad.copy_(grad.float().mul_(scale))  # 16-bit hidden gradient: scale in fp32, round once
+
+
+class FusedLinearSSPOFunction(torch.autograd.Function):
+    """Differentiable in hidden (N, H), weight (V, H) and bias (V,); every other input is data."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, batch: FlatBatch, seg, cfg: LossConfig, plan: ChunkPlan, use_triton):
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        ctx.cfg, ctx.plan, ctx.use_triton, ctx.needs = cfg, plan, use_triton, needs
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if plan.single_pass:
+            loss, logp, entropy, metrics, grads = _single_pass_fwd(
+                hidden, weight, bias, batch, seg, cfg, plan.bounds, use_triton, needs
+            )
+            # Saved (not stashed on ctx) so that a second backward through them is refused by autograd:
+            # the first one scales them in place.
+            ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
+        else:
+            loss, logp, entropy, lse, metrics, saved = _two_phase_fwd(
+                hidden, weight, bias, batch, seg, cfg, plan.bounds, use_triton
+            )
+            ctx.save_for_backward(hidden, weight, bias, batch.tokens, batch.mask, lse, entropy, *saved)
+        metrics = tuple(metrics[name] for name in METRIC_NAMES)
+        ctx.mark_non_differentiable(logp, entropy, *metrics)
+        return (loss, logp, entropy, *metrics)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        if ctx.plan.single_pass:
+            grads = _Grads(*ctx.saved_tensors)
+            scale = grad_loss.float()
+        else:
+            hidden, weight, bias, tokens, mask, lse, entropy, *saved = ctx.saved_tensors
+            grads = _two_phase_bwd(
+                hidden, weight, bias, tokens, mask, lse, entropy, saved, grad_loss, ctx.cfg, ctx.plan.bounds,
+                ctx.use_triton, ctx.needs,
+            )  # fmt: skip
+            scale = None  # the upstream gradient is already in
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        return (
+            _finish(grads.hidden, scale, h_dtype),
+            _finish(grads.weight, scale, w_dtype),
+            _finish(grads.bias, scale, b_dtype),
+            None, None, None, None, None,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------- public API
+
+
+def _check_linear(hidden, weight, bias, cu_seqlens) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be (N, H), (B, T, H) or packed (total, H), got shape {tuple(hidden.shape)}")
+    if cu_seqlens is not None and hidden.dim() != 2:
+        raise ValueError("cu_seqlens describes a packed batch: hidden must then be (total, H)")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"weight must be (V, H) with H = {hidden.shape[-1]} and V >= 1, got {tuple(weight.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
+        raise ValueError(f"bias must be a ({weight.shape[0]},) tensor, got {getattr(bias, 'shape', bias)!r}")
+    params = (("weight", weight),) + ((("bias", bias),) if bias is not None else ())
+    for name, t in params:
+        if t.dtype != hidden.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}; cast them to one dtype")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+
+
+def _logits_stand_in(token_shape, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (..., V) tensor with the logits' shape, dtype and device but only V elements of storage, for
+    the shared argument checks (they read shapes, never values); every token row aliases one row."""
+    row = torch.zeros(vocab, dtype=dtype, device=device)
+    return row.as_strided((*token_shape, vocab), (0,) * len(token_shape) + (1,))
+
+
+def sspo_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    granularity: str = "subsentence",
+    boundary: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    eps_low: float | None = None,
+    eps_high: float | None = None,
+    entropy_gamma: float | None = None,
+    k_min: float | None = None,
+    k_max: float | None = None,
+    entropy_ref: str | float = "batch",
+    adapt_low: bool = True,
+    adapt_high: bool = True,
+    dual_clip: float | None = None,
+    beta: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    loss_agg_mode: str = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
+    norm_len: int | float | None = None,
+    log_ratio_clamp: float = 20.0,
+    ratio_grad: str = "exact",
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    single_pass: bool | None = None,
+) -> SSPOOutput:
+    """`sspo_loss` on the logits z_t = weight @ hidden_t (+ bias), without building them for all tokens.
+
+    hidden: (B, T, H) padded, (N, H) one response, or (total, H) packed with `cu_seqlens`; bf16 / fp16
+    / fp32. weight (V, H) and bias (V,) in hidden's dtype. Every other argument and the returned
+    `SSPOOutput(loss, logprobs, entropy, metrics)` are those of `sspo_loss`. Differentiable in hidden,
+    weight and bias (the parameter gradients are summed in fp32 and returned in their dtype).
+
+    chunk_size: tokens per chunk (default `default_chunk_size(V, device)`: about 16 MiB of fp32
+    logits on the CPU, 256 MiB on a GPU). Peak extra memory: one chunk's logits and the vocabulary
+    pass's temporaries, plus the gradients (N x H, and V x H in fp32), never anything (N, V).
+
+    single_pass: None picks the schedule, True demands the single-pass one (ValueError when it is not
+    possible, saying why), False forces the two-phase one. Single-pass runs when
+      - the entropy reference is a fixed number: `entropy_ref` is a float, or `entropy_gamma == 0`, or
+        `adapt_low` and `adapt_high` are both False; and `loss_agg_mode` is not "none"; and
+      - chunks can hold whole segments without reading anything back from the device:
+        `granularity="token"` (chunks of `chunk_size` tokens), or a padded (B, T, H) batch (chunks of
+        whole rows), or a flat (N, H) batch of at most `chunk_size` tokens (one chunk), or a packed
+        batch whose `cu_seqlens` is a CPU tensor (chunks of whole responses, planned on the host);
+        and no response is longer than `chunk_size`.
+    Otherwise the two-phase schedule runs (one more matmul per chunk, in the backward). With the
+    single-pass schedule the gradients are computed during the forward whenever an input requires
+    grad, and a second backward through the same graph is refused.
+    """
+    cfg = make_config(
+        granularity, eps_low=eps_low, eps_high=eps_high, entropy_gamma=entropy_gamma, k_min=k_min,
+        k_max=k_max, entropy_ref=entropy_ref, adapt_low=adapt_low, adapt_high=adapt_high,
+        dual_clip=dual_clip, beta=beta, entropy_coef=entropy_coef, temperature=temperature,
+        loss_agg_mode=loss_agg_mode, log_ratio_clamp=log_ratio_clamp, ratio_grad=ratio_grad,
+    )  # fmt: skip
+    _check_linear(hidden, weight, bias, cu_seqlens)
+    token_shape, vocab = hidden.shape[:-1], weight.shape[0]
+    stand_in = _logits_stand_in(token_shape, vocab, hidden.dtype, hidden.device)
+    batch = prepare_inputs(
+        cfg, stand_in, tokens, old_logprobs, advantages, mask, boundary=boundary, segment_ids=segment_ids,
+        cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, normalizer=normalizer, norm_len=norm_len,
+    )  # fmt: skip
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if single_pass is not None and not isinstance(single_pass, bool):
+        raise TypeError(f"single_pass must be a bool or None, got {type(single_pass).__name__}")
+    use_triton = resolve_backend(backend, hidden.device)
+    chunk = chunk_size or default_chunk_size(vocab, hidden.device)
+    plan = plan_chunks(cfg, tuple(token_shape), cu_seqlens, chunk, single_pass)
+    seg = compute_segment_ids(
+        batch.tokens, batch.mask, batch.response_ids, cfg.granularity,
+        boundary=batch.boundary, given_ids=batch.segment_ids,
+    )  # fmt: skip
+    loss, logp, entropy, *metrics = FusedLinearSSPOFunction.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, batch, seg, cfg, plan, use_triton
+    )
+    shape = batch.token_shape
+    if cfg.loss_agg_mode == "none":
+        loss = loss.reshape(shape)
+    return SSPOOutput(loss, logp.reshape(shape), entropy.reshape(shape), dict(zip(METRIC_NAMES, metrics)))
+
+
+class SSPOLossFromHidden(torch.nn.Module):
+    """`sspo_loss_from_hidden` with its options held by the module.
+
+    `SSPOLossFromHidden(granularity="subsentence", boundary=table, eps_low=..., ...)(hidden, weight,
+    tokens, old_logprobs, advantages, mask, bias=lm_head.bias, cu_seqlens=...)`: per-call tensors and
+    normalisers go to `forward`, every other option to the constructor.
+    """
+
+    _EXTRA = frozenset({"backend", "chunk_size", "single_pass"})
+
+    def __init__(self, granularity: str = "subsentence", *, boundary: torch.Tensor | None = None, **options):
+        super().__init__()
+        fields = LossConfig.__dataclass_fields__
+        make_config(granularity, **{k: v for k, v in options.items() if k in fields})
+        unknown = set(options) - set(fields) - self._EXTRA
+        if unknown:
+            raise TypeError(f"SSPOLossFromHidden got unexpected options: {', '.join(sorted(unknown))}")
+        self.granularity = granularity
+        self.options = options
+        self.register_buffer("boundary", boundary, persistent=False)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        tokens: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        **per_call,
+    ) -> SSPOOutput:
+        return sspo_loss_from_hidden(
+            hidden, weight, tokens, old_logprobs, advantages, mask, bias=bias,
+            granularity=self.granularity, boundary=self.boundary, **self.options, **per_call,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"granularity={self.granularity!r}" + (f", {opts}" if opts else "")
