@@ -24,7 +24,8 @@ def naive_logprob_entropy(
     valid = (tokens >= 0) & (tokens < z.shape[-1])
     safe = torch.where(valid, tokens, torch.zeros_like(tokens)).long()
     logp = log_p.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * valid
-    entropy = -(log_p.exp() * log_p).sum(-1)
+    # a -inf logit is a probability of exactly 0: its term 0 * log 0 is 0, not NaN
+    entropy = -(log_p.exp() * torch.where(log_p == -torch.inf, 0.0, log_p)).sum(-1)
     return logp, entropy
 
 

@@ -284,3 +284,16 @@ def test_torch_compile_fullgraph_matches_eager():
     assert_close("loss", compiled[0], eager[0], atol=1e-6)
     assert_close("clip_frac", compiled[1], eager[1], atol=0)
     assert_rel_norm("dlogits", compiled_logits.grad, eager_logits.grad, tol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_logits_are_zero_probability(backend):
+    """A vocabulary entry masked to -inf by the caller has p = 0 exactly: finite loss, entropy, gradient."""
+    batch = make_batch(13, [6, 5], vocab=23, hole_p=0.2)
+    banned = torch.tensor([2, 9, 22])
+    batch.tokens = torch.where(torch.isin(batch.tokens, banned), 0, batch.tokens)
+    logits = batch.logits.detach().clone()
+    logits[..., banned] = float("-inf")
+    batch.logits = logits
+    out = compare(batch, "subsentence", backend=backend, entropy_coef=0.01, **CLIP)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.entropy).all()

@@ -24,7 +24,8 @@ Numerics:
 - Masked-out rows never reach an output: the forward selects with `torch.where` on the per-row
   results, the backward replaces those rows by zeros when it first reads them. NaN or garbage
   logits there therefore stay invisible, while NaN at a masked-in row propagates to that row.
-  Non-finite logits give NaN, -inf ones included (0 * log 0 is computed, as in the reference).
+  NaN and +inf logits give NaN; a -inf logit (a vocabulary entry masked out by the caller) is a
+  probability of exactly 0 and contributes 0 * log 0 = 0, as in the reference and the kernels.
 
 No host syncs: row ranges come from shapes only, masked rows are handled by selection, never by
 boolean indexing, so the code also runs on a GPU without waiting for it.
@@ -113,6 +114,9 @@ def _check(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, chunk
 
 
 _LOG2E = 1.4426950408889634
+# where a logit is -inf, p = 0 and log p = -inf; the shifted logit is raised to this finite floor
+# after p is taken so that p * log p is 0 * -1e30 = 0 rather than NaN (exp(-1e30) is 0 anyway)
+_NO_PROB = -1e30
 
 
 def _exp(s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -148,6 +152,7 @@ def _fwd_chunk(x: torch.Tensor, y: torch.Tensor, tau: float, s: torch.Tensor, e:
     _exp(s, out=e)
     sum_e = e.sum(-1)
     log_sum = sum_e.log()
+    s.clamp_(min=_NO_PROB)  # -inf (p = 0) would make e * s = 0 * -inf = NaN
     entropy = log_sum - e.mul_(s).sum(-1) / sum_e  # both terms >= 0: no cancellation
     return m.squeeze(1) + log_sum, entropy, s_y - log_sum
 
@@ -180,7 +185,8 @@ def _bwd_chunk(x, y, mask, lse, entropy, g, e, tau: float, s, p, out) -> None:
     k = 1.0 / (tau * sum_p)
     c1 = (g + e * (entropy - log_sum)).mul_(-k)
     c2 = e * -k
-    s.mul_(c2[:, None]).add_(c1[:, None])  # two passes, yet 5x faster than a broadcast addcmul here
+    # clamp: see _NO_PROB; two passes, yet 5x faster than a broadcast addcmul here
+    s.clamp_(min=_NO_PROB).mul_(c2[:, None]).add_(c1[:, None])
     if out.dtype == torch.float32:
         torch.mul(p, s, out=out).scatter_(1, y[:, None], target[:, None])
     else:  # scatter_ into bf16 would copy the whole chunk: round once, on the copy
@@ -199,7 +205,7 @@ def _fwd_chunk_fused(x: torch.Tensor, y: torch.Tensor, tau: float) -> tuple[torc
     sum_e = e.sum(-1)
     log_sum = sum_e.log()
     logp = s.gather(1, y[:, None]).squeeze(1) - log_sum
-    entropy = log_sum - (e * s).sum(-1) / sum_e
+    entropy = log_sum - (e * s.clamp(min=_NO_PROB)).sum(-1) / sum_e
     return m.squeeze(1) + log_sum, entropy, logp
 
 
@@ -212,7 +218,7 @@ def _bwd_chunk_fused(x, y, mask, lse, entropy, g, e, tau: float, out: torch.Tens
     log_sum = sum_p.log()
     target = _target_entry(p.gather(1, y[:, None]).squeeze(1) / sum_p, s_y - log_sum, entropy, g, e, tau)
     k = (-1.0 / (tau * sum_p))[:, None]
-    grad = p * ((g + e * (entropy - log_sum))[:, None] * k + (e[:, None] * k) * s)
+    grad = p * ((g + e * (entropy - log_sum))[:, None] * k + (e[:, None] * k) * s.clamp(min=_NO_PROB))
     onehot = torch.arange(x.shape[1], device=x.device) == y[:, None]
     out.copy_(torch.where(onehot, target[:, None], grad))
 
