@@ -273,8 +273,11 @@ class FusedLinearSSPOFunction(torch.autograd.Function):
     """Differentiable in hidden (N, H), weight (V, H) and bias (V,); every other input is data."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, batch: FlatBatch, seg, cfg: LossConfig, plan: ChunkPlan, use_triton):
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+    def forward(
+        ctx, hidden, weight, bias, batch: FlatBatch, seg, cfg: LossConfig, plan: ChunkPlan, use_triton, grad_on
+    ):
+        # needs_input_grad ignores the grad mode of the caller (forward itself runs without grad): `grad_on` has it
+        needs = tuple(grad_on and bool(n) for n in ctx.needs_input_grad[:3])
         ctx.cfg, ctx.plan, ctx.use_triton, ctx.needs = cfg, plan, use_triton, needs
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if plan.single_pass:
@@ -310,7 +313,7 @@ class FusedLinearSSPOFunction(torch.autograd.Function):
             _finish(grads.hidden, scale, h_dtype),
             _finish(grads.weight, scale, w_dtype),
             _finish(grads.bias, scale, b_dtype),
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )  # fmt: skip
 
 
@@ -403,7 +406,7 @@ def sspo_loss_from_hidden(
         and no response is longer than `chunk_size`.
     Otherwise the two-phase schedule runs (one more matmul per chunk, in the backward). With the
     single-pass schedule the gradients are computed during the forward whenever an input requires
-    grad, and a second backward through the same graph is refused.
+    grad and grad mode is on, and a second backward through the same graph is refused.
     """
     cfg = make_config(
         granularity, eps_low=eps_low, eps_high=eps_high, entropy_gamma=entropy_gamma, k_min=k_min,
@@ -430,7 +433,7 @@ def sspo_loss_from_hidden(
         boundary=batch.boundary, given_ids=batch.segment_ids,
     )  # fmt: skip
     loss, logp, entropy, *metrics = FusedLinearSSPOFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, batch, seg, cfg, plan, use_triton
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, batch, seg, cfg, plan, use_triton, torch.is_grad_enabled()
     )
     shape = batch.token_shape
     if cfg.loss_agg_mode == "none":

@@ -15,6 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import reference
+from sspo_kernels import fused_linear
 from sspo_kernels._checks import make_config
 from sspo_kernels.fused_linear import (
     SSPOLossFromHidden,
@@ -286,6 +287,23 @@ def test_frozen_weight_no_bias_noncontiguous_hidden(schedule):
     assert_close("loss", out.loss, expected.loss, atol=FP32_ATOL)
     assert_rel_norm("grad hidden", hidden.grad, g_ref, tol=FP32_GRAD)
     assert torch.equal(weight, case.weight) and torch.equal(hidden.detach(), case.hidden)
+
+
+def test_no_gradient_work_without_grad_mode(monkeypatch):
+    """Under torch.no_grad the single-pass schedule computes the statistics and the loss only."""
+    calls = []
+    monkeypatch.setattr(fused_linear._Grads, "add_chunk", lambda *args: calls.append(args))
+    case = make_case(16)
+    expected, _ = run_reference(case, "token", SEGMENT_OPTIONS)
+    b_ = case.batch
+    with torch.no_grad():
+        out = sspo_loss_from_hidden(
+            case.hidden.requires_grad_(True), case.weight, b_.tokens, case.old_logprobs, b_.advantages.float(),
+            b_.mask, bias=case.bias, granularity="token", backend="torch", chunk_size=4, single_pass=True,
+            **SEGMENT_OPTIONS,
+        )  # fmt: skip
+    assert not calls
+    assert_close("loss", out.loss, expected.loss, atol=FP32_ATOL)
 
 
 def test_module_form_matches_function():
