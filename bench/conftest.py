@@ -1,11 +1,14 @@
 """Fixtures of the pytest-benchmark suite (`pytest bench/ --benchmark-only`).
 
 Inputs are built once per case and shared by every path and mode. Cases are small on the CPU (a
-few seconds per benchmark) and the sizes of the issues on a CUDA device. Unlike tests/conftest.py,
-nothing here turns on the Triton interpreter or output poisoning: those would distort the timings.
+few seconds per benchmark, one thread unless BENCH_THREADS says otherwise) and the sizes of the
+issues on a CUDA device. Unlike tests/conftest.py, nothing here turns on the Triton interpreter or
+output poisoning: those would distort the timings.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -13,6 +16,9 @@ import torch
 from bench.registry import Case, Inputs, make_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    # one thread unless asked, as `python -m bench.run` (README "How time is measured")
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
 
 if DEVICE == "cuda":
     CASES = (

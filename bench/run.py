@@ -31,6 +31,7 @@ import torch
 from bench.registry import (
     DEFAULT_PATHS,
     DTYPES,
+    HEADLINE,
     PATHS,
     SUITES,
     Case,
@@ -86,29 +87,25 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def time_calls(fn: Callable[[], object], setup: Callable[[], None], settings: Settings) -> list[float]:
-    """Milliseconds of `fn()` per call, each after an untimed `setup()`, until both `min_reps` calls and
-    `budget_s` seconds are done (at most `max_reps`). CPU: perf_counter around the call; CUDA: events."""
-    times: list[float] = []
-    spent = 0.0
-    cuda = settings.device == "cuda"
-    while len(times) < settings.max_reps and (len(times) < settings.min_reps or spent < settings.budget_s):
-        setup()
-        _sync(settings.device)
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ms = (time.perf_counter() - t0) * 1e3
-        times.append(ms)
-        spent += ms / 1e3
-    return times
+def time_call(fn: Callable[[], object], device: str) -> float:
+    """Milliseconds of one `fn()`: perf_counter around the call on the CPU, CUDA events on a GPU."""
+    _sync(device)
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def enough(times: list[float], settings: Settings) -> bool:
+    """At least `min_reps` calls and `budget_s` seconds, or `max_reps` calls."""
+    spent = sum(times) / 1e3
+    return len(times) >= settings.max_reps or (len(times) >= settings.min_reps and spent >= settings.budget_s)
 
 
 @contextlib.contextmanager
@@ -181,7 +178,10 @@ def copy_bandwidth(device: str, nbytes: int) -> float:
     dst = torch.empty_like(src)
     settings = Settings(device=device, min_reps=5, max_reps=20, budget_s=0.3)
     dst.copy_(src)
-    ms = percentile(time_calls(lambda: dst.copy_(src), lambda: None, settings), 50)
+    times: list[float] = []
+    while not enough(times, settings):
+        times.append(time_call(lambda: dst.copy_(src), device))
+    ms = percentile(times, 50)
     return 2 * n * 4 / (ms / 1e3) / 1e9
 
 
@@ -240,6 +240,7 @@ class PathRunner:
     """Closures over one (case, path): a forward, a forward+backward, and the input restore."""
 
     def __init__(self, path: Path, inputs: Inputs):
+        self.path = path
         self.inputs = inputs
         self.loss_fn = path.build(inputs)
         self.pristine = inputs.logits.detach().clone() if path.overwrites_input else None
@@ -266,17 +267,11 @@ def _rel_err(grads, ref) -> float:
     return worst
 
 
-def measure(path: Path, inputs: Inputs, settings: Settings, base: dict | None) -> tuple[dict, dict | None]:
-    """One row of results for `path` on `inputs`, and (for a baseline) its loss and gradients for checks."""
-    run = PathRunner(path, inputs)
-    try:
-        return _measure(run, path, inputs, settings, base)
-    finally:
-        run.restore()  # also after an error, so that the next path sees the original logits
+def first_call(run: PathRunner, settings: Settings, base: dict | None) -> tuple[dict, dict | None]:
+    """The first forward+backward (timed apart), the check against the baseline, and the warmup calls.
 
-
-def _measure(run: PathRunner, path: Path, inputs: Inputs, settings: Settings, base: dict | None):
-    case = inputs.case
+    Returns the row's fields and, for a baseline path, its loss and gradients for the others' checks.
+    """
     row: dict = {"status": "ok"}
     run.restore()
     _sync(settings.device)
@@ -286,33 +281,61 @@ def _measure(run: PathRunner, path: Path, inputs: Inputs, settings: Settings, ba
     row["first_call_ms"] = (time.perf_counter() - t0) * 1e3
     row["loss"] = loss.item()
     keep = None
-    if not path.baseline:
+    if not run.path.baseline:
         keep = {"loss": row["loss"], "grads": [g.detach().clone() for g in grads]}
     elif base is not None and settings.check:
-        loss_tol, grad_tol = CHECK_TOL[case.dtype]
+        loss_tol, grad_tol = CHECK_TOL[run.inputs.case.dtype]
         row["loss_err"] = abs(row["loss"] - base["loss"])
         row["grad_rel_err"] = _rel_err(grads, base["grads"])
         ok = row["loss_err"] <= loss_tol * max(1.0, abs(base["loss"])) and row["grad_rel_err"] <= grad_tol
         row["check"] = "ok" if ok else "FAIL"
     del loss, grads
-
     for _ in range(settings.warmup):
         run.restore()
         run.forward_backward()
-    fwd = time_calls(run.forward, lambda: None, settings)
-    fwdbwd = time_calls(run.forward_backward, run.restore, settings)
-    for name, times in (("fwd", fwd), ("fwdbwd", fwdbwd)):
-        row[f"{name}_ms"] = percentile(times, 50)
-        row[f"{name}_p20_ms"] = percentile(times, 20)
-        row[f"{name}_p80_ms"] = percentile(times, 80)
-        row[f"reps_{name}"] = len(times)
-
-    if settings.memory:
-        mem = alloc_profile({"fwd": run.forward, "fwdbwd": run.forward_backward}, settings.device, run.restore)
-        row["peak_fwd_mib"], row["saved_mib"] = (x / MIB for x in mem["fwd"])
-        row["peak_mib"] = mem["fwdbwd"][0] / MIB
-        row["peak_bytes_per_token"] = mem["fwdbwd"][0] / case.n
     return row, keep
+
+
+def time_interleaved(runners: dict[str, PathRunner], rows: dict[str, dict], settings: Settings) -> None:
+    """Forward, then forward+backward repeats, round-robin over the paths: one call of each path per
+    round, so a change in machine load falls on every path alike. A path leaves the rotation once it
+    has `enough` repeats; one that raises is marked as an error and dropped."""
+    for mode in ("fwd", "fwdbwd"):
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        active = list(runners)
+        while active:
+            for name in list(active):
+                run = runners[name]
+                fn = run.forward if mode == "fwd" else run.forward_backward
+                try:
+                    run.restore()
+                    times[name].append(time_call(fn, settings.device))
+                except Exception as exc:
+                    _mark_error(rows[name], exc)
+                    run.restore()
+                    del runners[name]
+                    active.remove(name)
+                    continue
+                if enough(times[name], settings):
+                    active.remove(name)
+        for name in runners:
+            t = times[name]
+            rows[name].update({
+                f"{mode}_ms": percentile(t, 50), f"{mode}_p20_ms": percentile(t, 20),
+                f"{mode}_p80_ms": percentile(t, 80), f"reps_{mode}": len(t),
+            })  # fmt: skip
+
+
+def measure_memory(run: PathRunner, row: dict, settings: Settings) -> None:
+    mem = alloc_profile({"fwd": run.forward, "fwdbwd": run.forward_backward}, settings.device, run.restore)
+    row["peak_fwd_mib"], row["saved_mib"] = (x / MIB for x in mem["fwd"])
+    row["peak_mib"] = mem["fwdbwd"][0] / MIB
+    row["peak_bytes_per_token"] = mem["fwdbwd"][0] / run.inputs.case.n
+
+
+def _mark_error(row: dict, exc: BaseException) -> None:
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    row.update(status="error", note=f"{type(exc).__name__}: {first_line}")
 
 
 def derived(row: dict, case: Case, base_row: dict | None, copy_gbps: float | None) -> None:
@@ -348,40 +371,66 @@ def _free(device: str) -> None:
 
 
 def run_case(case: Case, path_names: list[str], settings: Settings, copy_gbps: float | None, log) -> list[dict]:
-    """Rows for every requested path of the case's kind, the baseline first."""
+    """Rows for every requested path of the case's kind, the baseline first.
+
+    Per path: the first call, the check and the warmup; then the timed repeats of all paths,
+    interleaved; then each path's memory. A path that fails is reported as an error and the
+    others go on.
+    """
     names = [n for n in path_names if PATHS[n].kind == case.kind]
     base_name = baseline_of(case.kind)
     names = [base_name] + [n for n in names if n != base_name]
+    t0 = time.perf_counter()
     inputs = make_inputs(case, settings.device, settings.seed)
-    rows, base, base_row = [], None, None
+    rows: dict[str, dict] = {}
+    runners: dict[str, PathRunner] = {}
+    base = None
     for name in names:
         path = PATHS[name]
-        row = {
+        rows[name] = row = {
             "case": case.label, "kind": case.kind, "n": case.n, "v": case.v, "hidden": case.hidden,
             "dtype": case.dtype, "granularity": case.granularity, "path": name,
         }  # fmt: skip
         reason = path.unavailable(inputs)
         if reason:
             row.update(status="skipped", note=reason)
-        else:
-            t0 = time.perf_counter()
-            try:
-                result, keep = measure(path, inputs, settings, base)
-                row.update(result)
-                if keep is not None:
-                    base = keep
-            except Exception as exc:  # one path failing must not stop the others
-                row.update(status="error", note=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            log(f"  {name:<16} {row['status']:<7} {time.perf_counter() - t0:6.1f} s  {row.get('note', '')}")
-        if name == base_name:
-            base_row = row
-        rows.append(row)
+            continue
+        run = None
+        try:
+            run = PathRunner(path, inputs)
+            result, keep = first_call(run, settings, base)
+            row.update(result)
+            runners[name] = run
+            base = keep if keep is not None else base
+        except Exception as exc:  # one path failing must not stop the others
+            _mark_error(row, exc)
+            if run is not None:
+                run.restore()
         _free(settings.device)
-    for row in rows:
-        derived(row, case, base_row, copy_gbps)
-    del inputs, base
+
+    time_interleaved(runners, rows, settings)
+    if settings.memory:
+        for name, run in runners.items():
+            try:
+                measure_memory(run, rows[name], settings)
+            except Exception as exc:
+                _mark_error(rows[name], exc)
+            finally:
+                run.restore()
+            _free(settings.device)
+
+    for row in rows.values():
+        derived(row, case, rows[base_name], copy_gbps)
+    parts = [f"ok: {', '.join(n for n, r in rows.items() if r['status'] == 'ok')}"]
+    others: dict[tuple[str, str], list[str]] = {}
+    for n, r in rows.items():
+        if r["status"] != "ok":
+            others.setdefault((r["status"], r["note"]), []).append(n)
+    parts += [f"{status}: {', '.join(ns)} ({note})" for (status, note), ns in others.items()]
+    log(f"  {time.perf_counter() - t0:.1f} s; " + "; ".join(parts))
+    del inputs, base, runners
     _free(settings.device)
-    return rows
+    return list(rows.values())
 
 
 # ---------------------------------------------------------------- reporting
@@ -440,6 +489,25 @@ def format_table(rows: list[dict], copy_gbps: float | None) -> str:
     return "\n".join(out)
 
 
+def headline(rows: list[dict]) -> str:
+    """One line per fast path at the HEADLINE shape: its speed and memory against the baseline."""
+    block = [r for r in rows if r["case"] == HEADLINE.label and r["status"] == "ok"]
+    base = next((r for r in block if r["path"] == "baseline"), None)
+    lines = []
+    for r in block:
+        if r is base or base is None or r.get("speedup_fwdbwd") is None:
+            continue
+        mem = ""
+        if r.get("peak_mib") is not None and base.get("peak_mib"):
+            mem = f"; peak extra memory {r['peak_mib']:.1f} MiB vs {base['peak_mib']:.1f} MiB"
+            mem += f" ({r['mem_vs_baseline']:.2f}x)"
+        lines.append(
+            f"  {r['path']}: forward+backward {r['fwdbwd_ms']:.0f} ms vs {base['fwdbwd_ms']:.0f} ms "
+            f"({r['speedup_fwdbwd']:.2f}x the baseline's speed), forward {r['speedup_fwd']:.2f}x{mem}"
+        )
+    return f"Headline, {HEADLINE.label}:\n" + "\n".join(lines) if lines else ""
+
+
 def write_csv(rows: list[dict], path: FsPath) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -488,7 +556,7 @@ def run_aot(out_dir: FsPath, timeout_s: float, log) -> dict:
 # Liger-Kernel's fused-linear GRPO loss against ours, through bench/liger_compare.py. The default
 # size is the default suite's case from hidden states, so the two tables can be read side by side.
 PEER_SIZES = {
-    "default": dict(n=256, hidden=512, vocab=32000, batch=4, repeats=3),
+    "default": dict(n=1024, hidden=256, vocab=32000, batch=4, repeats=3),
     "quick": dict(n=128, hidden=64, vocab=1000, batch=2, repeats=1),
 }
 
@@ -659,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument(
         "--aot", choices=["auto", "on", "off"], default="auto",
-        help="include the sspo_kernels.aot register report (auto: on CUDA only; it takes minutes on a small CPU)",
+        help="include the sspo_kernels.aot register report (auto: when the module exists, not with --quick)",
     )  # fmt: skip
     p.add_argument("--aot-timeout", type=float, default=300)
     p.add_argument(
@@ -667,7 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: the Liger-Kernel comparison of bench/liger_compare.py when Liger-Kernel is installed (CPU)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; --quick: 1)")
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (default on the CPU: 1, see README 'How time is measured')"
+    )
     return p
 
 
@@ -701,7 +771,10 @@ def main(argv: list[str] | None = None) -> int:
         path_names = list(PATHS)
     else:
         path_names = list(dict.fromkeys(args.paths))
-    threads = args.threads or (1 if args.quick else None)
+    # One thread on the CPU unless asked: on a small shared machine, intra-op threads wait on each other
+    # whenever another process holds a core, and code made of many small ops (the chunked paths) then
+    # measures the machine's load instead of itself. Both the baseline and the paths get the same count.
+    threads = args.threads or (1 if device == "cpu" else None)
     saved_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -736,15 +809,20 @@ def _main(args: argparse.Namespace, device: str, settings: Settings, path_names:
         peers = run_peers(args.quick, device, log)
     else:
         peers = {"status": "off", "note": "--peers off"}
-    if args.aot == "on" or (args.aot == "auto" and device == "cuda" and not args.quick):
+    if args.aot == "on" or (args.aot == "auto" and not args.quick):
+        log("AOT register report (sspo_kernels.aot)")
         aot = run_aot(out_dir, args.aot_timeout, log)
     else:
-        why = "--aot off" if args.aot == "off" else "--aot auto runs it on CUDA machines only"
+        why = "--aot off" if args.aot == "off" else "--quick"
         aot = {"status": "off", "note": f"{why}; `--aot on` or `python -m sspo_kernels.aot` for the report"}
     elapsed = time.perf_counter() - start
     table = format_table(rows, copy_gbps)
     summary = f"{peers_summary(peers)}\n\n{aot_summary(aot)}"
+    if headline(rows):
+        summary = f"{headline(rows)}\n\n{summary}"
     report = f"{machine_line(info)}\n{table}\n\n{summary}\n"
+    if aot.get("text"):
+        report += f"\npython -m sspo_kernels.aot:\n{aot['text']}"
 
     results = {
         "machine": info,
