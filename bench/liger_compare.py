@@ -30,7 +30,8 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+
+from bench.memory import peak_extra_bytes
 
 if __package__ in (None, ""):  # run as `python bench/liger_compare.py`: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -118,20 +119,6 @@ def fwd_bwd(fn: Callable[[], torch.Tensor], inputs: dict) -> tuple[torch.Tensor,
     loss = fn()
     loss.backward()
     return loss.detach(), [p.grad for p in _params(inputs)]
-
-
-def peak_extra_bytes(fn: Callable[[], object]) -> int:
-    """Peak of live torch CPU allocator bytes during fn, relative to its start (outputs included)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

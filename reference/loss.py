@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sspo_kernels._checks import FlatBatch, LossConfig, SSPOOutput, make_config, prepare_inputs
+from sspo_kernels._checks import FlatBatch, LossConfig, SSPOOutput, config_from, prepare_inputs
 
 
 def naive_logprob_entropy(
@@ -125,24 +125,7 @@ def sspo_loss(
     ratio_grad: str = "exact",
 ) -> SSPOOutput:
     """The SSPO/GSPO/GRPO policy loss of SPEC.md, in float64 with autograd. See the README for the options."""
-    cfg = make_config(
-        granularity,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        entropy_gamma=entropy_gamma,
-        k_min=k_min,
-        k_max=k_max,
-        entropy_ref=entropy_ref,
-        adapt_low=adapt_low,
-        adapt_high=adapt_high,
-        dual_clip=dual_clip,
-        beta=beta,
-        entropy_coef=entropy_coef,
-        temperature=temperature,
-        loss_agg_mode=loss_agg_mode,
-        log_ratio_clamp=log_ratio_clamp,
-        ratio_grad=ratio_grad,
-    )
+    cfg = config_from(locals())
     batch = prepare_inputs(
         cfg, logits, tokens, old_logprobs, advantages, mask,
         boundary=boundary, segment_ids=segment_ids, cu_seqlens=cu_seqlens,

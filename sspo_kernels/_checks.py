@@ -153,6 +153,12 @@ class SSPOOutput(NamedTuple):
     metrics: dict[str, torch.Tensor]  # detached device tensors, never Python floats
 
 
+def config_from(options: dict[str, object]) -> LossConfig:
+    """`make_config` from a mapping holding every LossConfig field by name, e.g. a public function's
+    `locals()` (whose keyword arguments mirror the fields)."""
+    return make_config(**{name: options[name] for name in LossConfig.__dataclass_fields__})
+
+
 @dataclass
 class FlatBatch:
     """The per-token inputs flattened to `(N,)`, on the logits' device, in the dtypes given.

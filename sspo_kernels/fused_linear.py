@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from sspo_kernels._checks import FlatBatch, LossConfig, SSPOOutput, make_config, prepare_inputs
+from sspo_kernels._checks import FlatBatch, LossConfig, SSPOOutput, config_from, make_config, prepare_inputs
 from sspo_kernels.loss import METRIC_NAMES, resolve_backend, vocab_pass
 from sspo_kernels.ops.objective import (
     finalize_metrics,
@@ -408,12 +408,7 @@ def sspo_loss_from_hidden(
     single-pass schedule the gradients are computed during the forward whenever an input requires
     grad and grad mode is on, and a second backward through the same graph is refused.
     """
-    cfg = make_config(
-        granularity, eps_low=eps_low, eps_high=eps_high, entropy_gamma=entropy_gamma, k_min=k_min,
-        k_max=k_max, entropy_ref=entropy_ref, adapt_low=adapt_low, adapt_high=adapt_high,
-        dual_clip=dual_clip, beta=beta, entropy_coef=entropy_coef, temperature=temperature,
-        loss_agg_mode=loss_agg_mode, log_ratio_clamp=log_ratio_clamp, ratio_grad=ratio_grad,
-    )  # fmt: skip
+    cfg = config_from(locals())
     _check_linear(hidden, weight, bias, cu_seqlens)
     token_shape, vocab = hidden.shape[:-1], weight.shape[0]
     stand_in = _logits_stand_in(token_shape, vocab, hidden.dtype, hidden.device)

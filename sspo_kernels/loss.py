@@ -19,6 +19,7 @@ from sspo_kernels._checks import (
     FlatBatch,
     LossConfig,
     SSPOOutput,
+    config_from,
     make_config,
     prepare_inputs,
     response_layout,
@@ -156,12 +157,7 @@ def sspo_loss(
     PyTorch; `chunk_size` rows per chunk) or "auto" (Triton for CUDA tensors, else torch).
     See the README for every option and its default.
     """
-    cfg = make_config(
-        granularity, eps_low=eps_low, eps_high=eps_high, entropy_gamma=entropy_gamma, k_min=k_min,
-        k_max=k_max, entropy_ref=entropy_ref, adapt_low=adapt_low, adapt_high=adapt_high,
-        dual_clip=dual_clip, beta=beta, entropy_coef=entropy_coef, temperature=temperature,
-        loss_agg_mode=loss_agg_mode, log_ratio_clamp=log_ratio_clamp, ratio_grad=ratio_grad,
-    )  # fmt: skip
+    cfg = config_from(locals())
     batch = prepare_inputs(
         cfg, logits, tokens, old_logprobs, advantages, mask, boundary=boundary, segment_ids=segment_ids,
         cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, normalizer=normalizer, norm_len=norm_len,

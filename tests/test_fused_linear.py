@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import reference
+from bench.memory import peak_extra_bytes
 from sspo_kernels import fused_linear
 from sspo_kernels._checks import make_config
 from sspo_kernels.fused_linear import (
@@ -407,20 +407,6 @@ def test_default_chunk_size():
 # ---------------------------------------------------------------- memory
 
 
-def _peak_bytes(fn) -> int:
-    """Peak of live torch CPU allocator bytes during fn, from the profiler's allocation events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_no_full_logits_allocated(schedule):
     """N = 1024, V = 4096: the fp32 logits would be 16 MiB; forward + backward must stay under half of it
@@ -445,6 +431,6 @@ def test_no_full_logits_allocated(schedule):
 
     step()  # warm up lazy allocations (profiler, autograd engine)
     hidden.grad = weight.grad = bias.grad = None
-    peak = _peak_bytes(step)
+    peak = peak_extra_bytes(step)
     logits_bytes = n * v * 4
     assert peak < logits_bytes // 2, f"peak {peak / 2**20:.2f} MiB vs full logits {logits_bytes / 2**20:.0f} MiB"

@@ -15,6 +15,7 @@ from _assert import assert_close, assert_rel_norm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.memory import peak_extra_bytes
 from reference import naive_logprob_entropy
 from sspo_kernels.ops.logprob_entropy_torch import (
     default_chunk_size,
@@ -308,22 +309,6 @@ def test_default_chunk_size():
         assert default_chunk_size(32000, dtype) * 32000 * 4 * 2 <= 8 * 2**20
 
 
-def _peak_extra_bytes(fn) -> int:
-    """Peak of live torch-CPU-allocator bytes while fn runs, relative to the start (profiler replay)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (ev for ev in prof.profiler.kineto_results.events() if ev.name() == "[memory]"), key=lambda ev: ev.start_ns()
-    )
-    cur = peak = 0
-    for ev in events:
-        cur += ev.nbytes()
-        peak = max(peak, cur)
-    return peak
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_peak_memory_is_two_chunk_buffers(dtype):
     """Peak extra memory (profiler replay): two fp32 (chunk, V) temporaries, plus the gradient buffer
@@ -334,12 +319,12 @@ def test_peak_memory_is_two_chunk_buffers(dtype):
     slack = 64 * 2**10  # the (N,) per-row vectors
     grad_bytes = logits.numel() * logits.element_size()
     _, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 1.0, chunk_size=chunk)
-    fwd = _peak_extra_bytes(lambda: logprob_entropy_fwd(logits, tokens, mask, 1.0, chunk_size=chunk))
+    fwd = peak_extra_bytes(lambda: logprob_entropy_fwd(logits, tokens, mask, 1.0, chunk_size=chunk))
     assert fwd <= 2 * chunk_buf + slack, fwd
     bwd_args = (logits, tokens, mask, lse, entropy, g, e, 1.0)
-    bwd = _peak_extra_bytes(lambda: logprob_entropy_bwd(*bwd_args, chunk_size=chunk))
+    bwd = peak_extra_bytes(lambda: logprob_entropy_bwd(*bwd_args, chunk_size=chunk))
     assert bwd <= grad_bytes + 2 * chunk_buf + slack, bwd
-    inplace = _peak_extra_bytes(lambda: logprob_entropy_bwd(*bwd_args, chunk_size=chunk, inplace=True))
+    inplace = peak_extra_bytes(lambda: logprob_entropy_bwd(*bwd_args, chunk_size=chunk, inplace=True))
     assert inplace <= 2 * chunk_buf + slack, inplace
 
 
