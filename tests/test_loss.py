@@ -10,6 +10,8 @@ import pytest
 import torch
 from _assert import assert_close, assert_rel_norm
 from _cases import Batch, make_batch, pack
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import reference
 from sspo_kernels import SSPOLoss, sspo_loss
@@ -108,6 +110,31 @@ OPTION_SETS = {
 def test_options(backend, options, per_token_adv):
     batch = make_batch(11, [6, 9, 4], seq_len=9, vocab=29, hole_p=0.2, per_token_adv=per_token_adv)
     compare(batch, "subsentence", backend=backend, **{**CLIP, **options})
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 13), min_size=1, max_size=5),
+    vocab=st.integers(2, 70),
+    hole_p=st.sampled_from([0.0, 0.2, 0.7]),
+    boundary_p=st.sampled_from([0.0, 0.2, 0.6, 1.0]),
+    granularity=st.sampled_from(GRANULARITIES),
+    mode=st.sampled_from(AGG_MODES),
+    dtype=st.sampled_from(list(DTYPES.values())),
+    per_token_adv=st.booleans(),
+    packed=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_torch_backend_on_random_batches(
+    lengths, vocab, hole_p, boundary_p, granularity, mode, dtype, per_token_adv, packed, seed
+):
+    batch = make_batch(seed, lengths, vocab=vocab, hole_p=hole_p, boundary_p=boundary_p, per_token_adv=per_token_adv)
+    options = dict(loss_agg_mode=mode, entropy_gamma=1.0, **CLIP)
+    if packed:
+        batch = pack(batch)
+        if mode == "seq-mean-token-sum-norm":
+            options["norm_len"] = 16
+    compare(batch, granularity, backend="torch", dtype=dtype, **options)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
