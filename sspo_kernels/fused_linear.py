@@ -29,8 +29,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from sspo_kernels._checks import FlatBatch, LossConfig, SSPOOutput, config_from, make_config, prepare_inputs
-from sspo_kernels.loss import METRIC_NAMES, resolve_backend, vocab_pass
+from sspo_kernels._checks import FlatBatch, LossConfig, SSPOOutput, config_from, prepare_inputs
+from sspo_kernels.loss import METRIC_NAMES, LossModule, resolve_backend, vocab_pass
 from sspo_kernels.ops.objective import (
     finalize_metrics,
     merge_metric_sums,
@@ -436,7 +436,7 @@ def sspo_loss_from_hidden(
     return SSPOOutput(loss, logp.reshape(shape), entropy.reshape(shape), dict(zip(METRIC_NAMES, metrics)))
 
 
-class SSPOLossFromHidden(torch.nn.Module):
+class SSPOLossFromHidden(LossModule):
     """`sspo_loss_from_hidden` with its options held by the module.
 
     `SSPOLossFromHidden(granularity="subsentence", boundary=table, eps_low=..., ...)(hidden, weight,
@@ -444,18 +444,7 @@ class SSPOLossFromHidden(torch.nn.Module):
     normalisers go to `forward`, every other option to the constructor.
     """
 
-    _EXTRA = frozenset({"backend", "chunk_size", "single_pass"})
-
-    def __init__(self, granularity: str = "subsentence", *, boundary: torch.Tensor | None = None, **options):
-        super().__init__()
-        fields = LossConfig.__dataclass_fields__
-        make_config(granularity, **{k: v for k, v in options.items() if k in fields})
-        unknown = set(options) - set(fields) - self._EXTRA
-        if unknown:
-            raise TypeError(f"SSPOLossFromHidden got unexpected options: {', '.join(sorted(unknown))}")
-        self.granularity = granularity
-        self.options = options
-        self.register_buffer("boundary", boundary, persistent=False)
+    EXTRA_OPTIONS = frozenset({"backend", "chunk_size", "single_pass"})
 
     def forward(
         self,
@@ -472,7 +461,3 @@ class SSPOLossFromHidden(torch.nn.Module):
             hidden, weight, tokens, old_logprobs, advantages, mask, bias=bias,
             granularity=self.granularity, boundary=self.boundary, **self.options, **per_call,
         )  # fmt: skip
-
-    def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-        return f"granularity={self.granularity!r}" + (f", {opts}" if opts else "")

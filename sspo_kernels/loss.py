@@ -180,7 +180,31 @@ def sspo_loss(
     return SSPOOutput(loss, logp.reshape(shape), entropy.reshape(shape), dict(zip(METRIC_NAMES, metrics)))
 
 
-class SSPOLoss(torch.nn.Module):
+class LossModule(torch.nn.Module):
+    """Base of the module forms: holds and validates the options of a loss function.
+
+    Subclasses list in `EXTRA_OPTIONS` the keyword options they take beyond the `LossConfig` fields.
+    """
+
+    EXTRA_OPTIONS: frozenset[str] = frozenset()
+
+    def __init__(self, granularity: str = "subsentence", *, boundary: torch.Tensor | None = None, **options):
+        super().__init__()
+        fields = LossConfig.__dataclass_fields__
+        make_config(granularity, **{k: v for k, v in options.items() if k in fields})
+        unknown = set(options) - set(fields) - self.EXTRA_OPTIONS
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected options: {', '.join(sorted(unknown))}")
+        self.granularity = granularity
+        self.options = options
+        self.register_buffer("boundary", boundary, persistent=False)
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"granularity={self.granularity!r}" + (f", {opts}" if opts else "")
+
+
+class SSPOLoss(LossModule):
     """`sspo_loss` with its options held by the module.
 
     `SSPOLoss(granularity="subsentence", boundary=table, eps_low=..., ...)(logits, tokens,
@@ -188,15 +212,7 @@ class SSPOLoss(torch.nn.Module):
     normalisers go to `forward`, every other option to the constructor.
     """
 
-    def __init__(self, granularity: str = "subsentence", *, boundary: torch.Tensor | None = None, **options):
-        super().__init__()
-        make_config(granularity, **{k: v for k, v in options.items() if k in LossConfig.__dataclass_fields__})
-        unknown = set(options) - set(LossConfig.__dataclass_fields__) - {"inplace_backward", "backend", "chunk_size"}
-        if unknown:
-            raise TypeError(f"SSPOLoss got unexpected options: {', '.join(sorted(unknown))}")
-        self.granularity = granularity
-        self.options = options
-        self.register_buffer("boundary", boundary, persistent=False)
+    EXTRA_OPTIONS = frozenset({"inplace_backward", "backend", "chunk_size"})
 
     def forward(
         self,
@@ -211,10 +227,6 @@ class SSPOLoss(torch.nn.Module):
             logits, tokens, old_logprobs, advantages, mask,
             granularity=self.granularity, boundary=self.boundary, **self.options, **per_call,
         )  # fmt: skip
-
-    def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-        return f"granularity={self.granularity!r}" + (f", {opts}" if opts else "")
 
 
 def segment_ids(
