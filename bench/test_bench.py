@@ -2,7 +2,7 @@
 
     pytest bench/ --benchmark-only [--benchmark-json out.json] [--benchmark-group-by=param:case]
 
-The timed callables are the ones `python -m bench.run` times (`bench.run.PathRunner`); this suite adds
+The timed callables are the ones `python -m bench.run` times (`bench.measure.PathRunner`); this suite adds
 pytest-benchmark's statistics, comparisons between saved runs and histogram output, while
 `bench.run` adds memory, bandwidth, correctness checks and plots.
 """
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from bench.conftest import CASES, DEVICE
+from bench.measure import PathRunner
 from bench.registry import DEFAULT_PATHS, PATHS
-from bench.run import PathRunner
 
 PAIRS = [
     pytest.param(case, name, id=f"{case.label.replace(' ', '-')}-{name}")
