@@ -201,12 +201,12 @@ def _reference_unavailable(inp: Inputs) -> str | None:
     return None
 
 
-def _sspo(backend: str, inplace: bool):
+def _sspo(backend: str, inplace: bool, **extra):
     def build(inp: Inputs):
         from sspo_kernels import sspo_loss
 
         args = (inp.logits, inp.tokens, inp.old_logprobs, inp.advantages, inp.mask)
-        return lambda: sspo_loss(*args, backend=backend, inplace_backward=inplace, **inp.options()).loss
+        return lambda: sspo_loss(*args, backend=backend, inplace_backward=inplace, **extra, **inp.options()).loss
 
     return build
 
@@ -256,6 +256,8 @@ PATHS: dict[str, Path] = {
              _torch_unavailable),
         Path("torch-inplace", "logits", "torch backend, inplace_backward=True", _sspo("torch", True), "baseline",
              _torch_unavailable, overwrites_input=True),
+        Path("torch-compile", "logits", "torch backend, compile_chunks=True (slow first call)",
+             _sspo("torch", False, compile_chunks=True), "baseline", _torch_unavailable, default=False),
         Path("triton", "logits", 'sspo_loss(backend="triton")', _sspo("triton", False), "baseline",
              _triton_unavailable),
         Path("triton-inplace", "logits", "Triton backend, inplace_backward=True", _sspo("triton", True), "baseline",

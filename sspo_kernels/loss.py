@@ -67,16 +67,17 @@ def _triton_available() -> bool:
     return True
 
 
-def vocab_pass(use_triton: bool, chunk_size: int | None = None):
-    """The (forward, backward) vocabulary-pass launchers of the chosen backend."""
+def vocab_pass(use_triton: bool, chunk_size: int | None = None, compile_chunks: bool = False):
+    """The (forward, backward) vocabulary-pass launchers of the chosen backend; `chunk_size` and
+    `compile_chunks` (torch.compile of each chunk's maths) concern the torch backend only."""
     if use_triton:
         from sspo_kernels.ops import logprob_entropy as impl
 
         return impl.logprob_entropy_fwd, impl.logprob_entropy_bwd
     from sspo_kernels.ops import logprob_entropy_torch as impl
 
-    fwd = functools.partial(impl.logprob_entropy_fwd, chunk_size=chunk_size)
-    bwd = functools.partial(impl.logprob_entropy_bwd, chunk_size=chunk_size)
+    fwd = functools.partial(impl.logprob_entropy_fwd, chunk_size=chunk_size, use_compile=compile_chunks)
+    bwd = functools.partial(impl.logprob_entropy_bwd, chunk_size=chunk_size, use_compile=compile_chunks)
     return fwd, bwd
 
 
@@ -84,12 +85,12 @@ class SSPOLossFunction(torch.autograd.Function):
     """Differentiable in `logits` only; every other input is data."""
 
     @staticmethod
-    def forward(ctx, logits, batch: FlatBatch, seg, cfg: LossConfig, use_triton, inplace, chunk_size):
-        fwd, _ = vocab_pass(use_triton, chunk_size)
+    def forward(ctx, logits, batch: FlatBatch, seg, cfg: LossConfig, use_triton, inplace, chunking):
+        fwd, _ = vocab_pass(use_triton, *chunking)
         logp, entropy, lse = fwd(batch.logits, batch.tokens, batch.mask, cfg.temperature)
         step = objective_fwd(logp, entropy, seg, batch, cfg, use_triton=use_triton)
         ctx.save_for_backward(batch.logits, batch.tokens, batch.mask, lse, entropy, logp, *step.saved)
-        ctx.cfg, ctx.use_triton, ctx.inplace, ctx.chunk_size = cfg, use_triton, inplace, chunk_size
+        ctx.cfg, ctx.use_triton, ctx.inplace, ctx.chunking = cfg, use_triton, inplace, chunking
         metrics = tuple(finalize_metrics(step.metric_sums)[name] for name in METRIC_NAMES)
         ctx.mark_non_differentiable(logp, entropy, *metrics)
         return (step.loss, logp, entropy, *metrics)
@@ -98,7 +99,7 @@ class SSPOLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *_unused):
         logits, tokens, mask, lse, entropy, logp, *saved = ctx.saved_tensors
         grad_logp, grad_entropy = objective_bwd(saved, grad_loss, ctx.cfg, use_triton=ctx.use_triton)
-        _, bwd = vocab_pass(ctx.use_triton, ctx.chunk_size)
+        _, bwd = vocab_pass(ctx.use_triton, *ctx.chunking)
         extra = {}
         if ctx.use_triton:
             # p relative to the target logit is exact where |l_t| << |lse| (large logits); and no
@@ -144,6 +145,7 @@ def sspo_loss(
     inplace_backward: bool = False,
     backend: str = "auto",
     chunk_size: int | None = None,
+    compile_chunks: bool = False,
 ) -> SSPOOutput:
     """The policy loss of SPEC.md from logits, differentiable in `logits`.
 
@@ -154,7 +156,8 @@ def sspo_loss(
     loss_agg_mode="none"); logprobs and entropy are fp32, detached, zero where masked out; metrics are
     detached device tensors. With `inplace_backward=True` the backward writes the gradient into the
     logits buffer (do not reuse the logits afterwards). `backend`: "triton", "torch" (chunked
-    PyTorch; `chunk_size` rows per chunk) or "auto" (Triton for CUDA tensors, else torch).
+    PyTorch; `chunk_size` rows per chunk, `compile_chunks=True` runs each chunk's maths through
+    torch.compile) or "auto" (Triton for CUDA tensors, else torch).
     See the README for every option and its default.
     """
     cfg = config_from(locals())
@@ -166,13 +169,15 @@ def sspo_loss(
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not isinstance(compile_chunks, bool):
+        raise TypeError(f"compile_chunks must be a bool, got {type(compile_chunks).__name__}")
     use_triton = resolve_backend(backend, batch.logits.device)
     seg = compute_segment_ids(
         batch.tokens, batch.mask, batch.response_ids, cfg.granularity,
         boundary=batch.boundary, given_ids=batch.segment_ids,
     )  # fmt: skip
     loss, logp, entropy, *metrics = SSPOLossFunction.apply(
-        logits, batch, seg, cfg, use_triton, inplace_backward, chunk_size
+        logits, batch, seg, cfg, use_triton, inplace_backward, (chunk_size, compile_chunks)
     )
     shape = batch.token_shape
     if cfg.loss_agg_mode == "none":
@@ -212,7 +217,7 @@ class SSPOLoss(LossModule):
     normalisers go to `forward`, every other option to the constructor.
     """
 
-    EXTRA_OPTIONS = frozenset({"inplace_backward", "backend", "chunk_size"})
+    EXTRA_OPTIONS = frozenset({"inplace_backward", "backend", "chunk_size", "compile_chunks"})
 
     def forward(
         self,

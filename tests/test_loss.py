@@ -47,9 +47,11 @@ def compare(
     compare everything."""
     args, kwargs = batch.inputs(granularity)
     kwargs.update(options)
+    fast_only = {k: kwargs.pop(k) for k in ("compile_chunks", "chunk_size") if k in kwargs}
     rounded = batch.logits.detach().to(dtype)
     ref_logits = rounded.double().requires_grad_(True)
     ref = reference.sspo_loss(ref_logits, *args[1:], **kwargs)
+    kwargs.update(fast_only)
 
     leaf = rounded.to(device).requires_grad_(True)
     logits = leaf * 1 if inplace else leaf  # in place needs a non-leaf buffer to overwrite
@@ -352,3 +354,17 @@ def test_minus_inf_logits_are_zero_probability(backend):
     batch.logits = logits
     out = compare(batch, "subsentence", backend=backend, entropy_coef=0.01, **CLIP)
     assert torch.isfinite(out.loss) and torch.isfinite(out.entropy).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "in-place"])
+def test_torch_backend_with_compiled_chunks(inplace):
+    """compile_chunks=True runs each chunk's maths through torch.compile (a few seconds of compile)."""
+    batch = make_batch(14, [7, 3, 9], seq_len=9, vocab=37, hole_p=0.2)
+    compare(batch, "subsentence", backend="torch", inplace=inplace, compile_chunks=True, **CLIP)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, 1000])
+def test_torch_backend_chunk_sizes(chunk_size):
+    batch = make_batch(15, [7, 3, 9], seq_len=9, vocab=37, hole_p=0.2)
+    compare(batch, "subsentence", backend="torch", chunk_size=chunk_size, **CLIP)
