@@ -6,15 +6,14 @@ and `spec_terms`, a vectorised restatement of the SPEC (segments from `_cases.se
 segment sums by `index_add`) used for the metrics, the adaptive bounds and the random sweeps.
 
 The tests are split by theme: test_reference_equivalences.py, test_reference_gradcheck.py,
-test_reference_options.py and test_reference_inputs.py. Each imports `_one_thread` from here, which
-makes the autouse fixture apply to that module.
+test_reference_options.py and test_reference_inputs.py. Each runs with one intra-op thread
+(the `one_thread` fixture of conftest.py).
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 from _assert import assert_close, assert_rel_norm
 from _cases import Batch, segment_labels
@@ -38,15 +37,6 @@ METRICS = (
 )
 ADAPTIVE = dict(eps_low=0.05, eps_high=0.08, entropy_gamma=0.5, k_min=0.5, k_max=2.0)
 BASE = dict(eps_low=0.1, eps_high=0.15, entropy_gamma=0.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add fork/join cost (large on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(batch: Batch, logits: torch.Tensor | None = None, **opts):

@@ -33,3 +33,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def device() -> str:
     """Where the kernel tests run: CUDA when present, else the CPU (Triton interpreter)."""
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors: more threads only add fork/join cost, which
+    explodes on a busy 2-core CI box. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

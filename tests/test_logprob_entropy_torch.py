@@ -33,16 +33,8 @@ FWD_TOL = {
 }
 LSE_TOL = dict(atol=1e-5, rtol=torch.finfo(torch.float32).eps)  # lse itself is rounded to fp32
 GRAD_REL_FP32 = 1e-5  # SPEC: relative-norm error of an fp32 gradient
+pytestmark = pytest.mark.usefixtures("one_thread")
 GRAD_ULPS = 2  # bf16 / fp16 gradients: distance to the correctly rounded float64 gradient
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Intra-op threads on these small chunks only add fork/join cost, which explodes on a busy CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_case(n: int, v: int, dtype: torch.dtype, seed: int, *, scale: float = 3.0, drop: float = 0.3):

@@ -13,7 +13,6 @@ from _reference_helpers import (
     ADAPTIVE,
     EXACT,
     METRICS,
-    _one_thread,  # noqa: F401  (autouse fixture: one intra-op thread for this module)
     grad_of,
     ppo_clip,
     run,
@@ -23,6 +22,8 @@ from _reference_helpers import (
 # --------------------------------------------------------------------------------------------------
 # The SPEC's equivalences
 # --------------------------------------------------------------------------------------------------
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

@@ -11,7 +11,6 @@ from _cases import Batch, make_batch, pack
 from _reference_helpers import (
     AGG_MODES,
     BASE,
-    _one_thread,  # noqa: F401  (autouse fixture: one intra-op thread for this module)
     run,
     spec_terms,
 )
@@ -21,6 +20,8 @@ from _reference_helpers import (
 # --------------------------------------------------------------------------------------------------
 
 MARGIN = 1e-3  # no ratio, log-ratio or entropy weight this close to a kink of the piecewise loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _screen(batch: Batch, opts: dict) -> set[str] | None:

@@ -15,7 +15,6 @@ from _reference_helpers import (
     EXACT,
     F64,
     METRICS,
-    _one_thread,  # noqa: F401  (autouse fixture: one intra-op thread for this module)
     assert_matches_spec,
     grad_of,
     run,
@@ -27,6 +26,8 @@ from reference import sspo_loss
 # --------------------------------------------------------------------------------------------------
 # Degenerate inputs
 # --------------------------------------------------------------------------------------------------
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _all_masked(packed: bool) -> Batch:

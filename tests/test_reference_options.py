@@ -18,7 +18,6 @@ from _reference_helpers import (
     EXACT,
     F64,
     METRICS,
-    _one_thread,  # noqa: F401  (autouse fixture: one intra-op thread for this module)
     assert_matches_spec,
     grad_of,
     ppo_clip,
@@ -35,6 +34,8 @@ SWEEP = settings(max_examples=20, deadline=None, derandomize=True, suppress_heal
 # --------------------------------------------------------------------------------------------------
 # Aggregation, layouts and the individual options
 # --------------------------------------------------------------------------------------------------
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _agg_expected(mode: str, loss_t, m, *, normalizer=None, norm_len=None):
