@@ -91,7 +91,8 @@ class SSPOLossFunction(torch.autograd.Function):
         step = objective_fwd(logp, entropy, seg, batch, cfg, use_triton=use_triton)
         ctx.save_for_backward(batch.logits, batch.tokens, batch.mask, lse, entropy, logp, *step.saved)
         ctx.cfg, ctx.use_triton, ctx.inplace, ctx.chunking = cfg, use_triton, inplace, chunking
-        metrics = tuple(finalize_metrics(step.metric_sums)[name] for name in METRIC_NAMES)
+        finished = finalize_metrics(step.metric_sums)
+        metrics = tuple(finished[name] for name in METRIC_NAMES)
         ctx.mark_non_differentiable(logp, entropy, *metrics)
         return (step.loss, logp, entropy, *metrics)
 
