@@ -101,15 +101,11 @@ class SSPOLossFunction(torch.autograd.Function):
         logits, tokens, mask, lse, entropy, logp, *saved = ctx.saved_tensors
         grad_logp, grad_entropy = objective_bwd(saved, grad_loss, ctx.cfg, use_triton=ctx.use_triton)
         _, bwd = vocab_pass(ctx.use_triton, *ctx.chunking)
-        extra = {}
-        if ctx.use_triton:
-            # p relative to the target logit is exact where |l_t| << |lse| (large logits); and no
-            # entropy term at all when the entropy bonus is off
-            extra["logp"] = logp
-            grad_entropy = grad_entropy if ctx.cfg.entropy_coef > 0 else None
+        # the forward's logp lets the Triton pass take p relative to the target logit (exact for large
+        # logits); no entropy term at all when the entropy bonus is off
         grad = bwd(
-            logits, tokens, mask, lse, entropy, grad_logp, grad_entropy, ctx.cfg.temperature,
-            inplace=ctx.inplace, **extra,
+            logits, tokens, mask, lse, entropy, grad_logp, grad_entropy if ctx.cfg.entropy_coef > 0 else None,
+            ctx.cfg.temperature, inplace=ctx.inplace, logp=logp,
         )  # fmt: skip
         return grad, None, None, None, None, None, None
 

@@ -282,16 +282,19 @@ def logprob_entropy_bwd(
     lse: torch.Tensor,
     entropy: torch.Tensor,
     grad_logp: torch.Tensor,
-    grad_entropy: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
     temperature: float,
     *,
     inplace: bool = False,
+    logp: torch.Tensor | None = None,
     chunk_size: int | None = None,
     use_compile: bool = False,
 ) -> torch.Tensor:
     """dLoss/dlogits from the upstream grad_logp, grad_entropy (N,) fp32, recomputing p per chunk.
 
-    lse and entropy are the forward's outputs. Returns a tensor shaped like logits in its dtype,
+    lse and entropy are the forward's outputs; grad_entropy None means zero. `logp` is accepted for
+    the Triton launcher's signature and not needed here: renormalising p by its row sum already
+    removes the rounding of the saved lse. Returns a tensor shaped like logits in its dtype,
     zero at masked-out rows; with `inplace=True` it is the logits buffer itself, overwritten.
     `chunk_size` and `use_compile` as in `logprob_entropy_fwd`.
     """
@@ -299,6 +302,8 @@ def logprob_entropy_bwd(
     n, vocab = y.shape[0], logits.shape[-1]
     tau = float(temperature)
     # Per-row factors, zero where masked out (whatever the caller stored there).
+    if grad_entropy is None:
+        grad_entropy = torch.zeros_like(grad_logp)
     rows = [torch.where(mask, t.reshape(-1).float(), 0.0) for t in (lse, entropy, grad_logp, grad_entropy)]
     grad = logits if inplace else new_empty(logits.shape, logits.dtype, logits.device)
     grad_rows = None if inplace else grad.view(n, vocab)  # a fresh buffer is contiguous
