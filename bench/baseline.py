@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from sspo_kernels._checks import make_config
+from sspo_kernels._options import make_config
 
 
 def _segment_ids(tokens, mask, granularity, boundary):

@@ -211,14 +211,10 @@ def _sspo(backend: str, inplace: bool, **extra):
     return build
 
 
-def _torch_unavailable(inp: Inputs) -> str | None:
-    return _missing("sspo_kernels.ops.logprob_entropy_torch")
-
-
 def _triton_unavailable(inp: Inputs) -> str | None:
     if inp.tokens.device.type != "cuda":
         return "needs CUDA (the CPU interpreter is for tests, not timing)"
-    return _missing("triton") or _missing("sspo_kernels.ops.logprob_entropy")
+    return _missing("triton")
 
 
 # ---------------------------------------------------------------- hidden-state paths
@@ -230,14 +226,10 @@ def _baseline_linear(inp: Inputs):
 
 
 def _fused_linear(inp: Inputs):
-    from sspo_kernels.fused_linear import sspo_loss_from_hidden
+    from sspo_kernels import sspo_loss_from_hidden
 
     args = (inp.hidden, inp.weight, inp.tokens, inp.old_logprobs, inp.advantages, inp.mask)
     return lambda: sspo_loss_from_hidden(*args, **inp.options()).loss
-
-
-def _fused_linear_unavailable(inp: Inputs) -> str | None:
-    return _missing("sspo_kernels.fused_linear")
 
 
 # ---------------------------------------------------------------- registry
@@ -252,19 +244,18 @@ PATHS: dict[str, Path] = {
         ),
         Path("reference", "logits", "reference.sspo_loss, fp64 oracle (small sizes)", _reference, "baseline",
              _reference_unavailable),
-        Path("torch", "logits", 'sspo_loss(backend="torch"): chunked PyTorch', _sspo("torch", False), "baseline",
-             _torch_unavailable),
+        Path("torch", "logits", 'sspo_loss(backend="torch"): chunked PyTorch', _sspo("torch", False), "baseline"),
         Path("torch-inplace", "logits", "torch backend, inplace_backward=True", _sspo("torch", True), "baseline",
-             _torch_unavailable, overwrites_input=True),
+             overwrites_input=True),
         Path("torch-compile", "logits", "torch backend, compile_chunks=True (slow first call)",
-             _sspo("torch", False, compile_chunks=True), "baseline", _torch_unavailable, default=False),
+             _sspo("torch", False, compile_chunks=True), "baseline", default=False),
         Path("triton", "logits", 'sspo_loss(backend="triton")', _sspo("triton", False), "baseline",
              _triton_unavailable),
         Path("triton-inplace", "logits", "Triton backend, inplace_backward=True", _sspo("triton", True), "baseline",
              _triton_unavailable, overwrites_input=True),
         Path("baseline-linear", "hidden", "hidden @ W.T, then the eager baseline", _baseline_linear, ""),
         Path("fused-linear", "hidden", "sspo_loss_from_hidden: logits never materialised", _fused_linear,
-             "baseline-linear", _fused_linear_unavailable),
+             "baseline-linear"),
     )
 }  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""Slow float64 reference of the SSPO / GSPO / GRPO loss (SPEC.md). Tests and benchmarks import it;
+"""Slow float64 reference of the SSPO / GSPO / GRPO loss (docs/loss.md). Tests and benchmarks import it;
 the kernels in `sspo_kernels` never do."""
 
 from reference.loss import (

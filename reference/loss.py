@@ -1,21 +1,27 @@
-"""The slow, obviously-correct reference of the loss in SPEC.md.
+"""The slow, obviously-correct reference of the loss defined in docs/loss.md.
 
 Everything is computed in float64 with plain PyTorch autograd; segments and responses are walked
-with Python loops so the code reads like the SPEC. It is the oracle every fast path is tested
+with Python loops so the code reads like docs/loss.md. It is the oracle every fast path is tested
 against, so clarity wins over speed everywhere here. The kernels never import this package.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from sspo_kernels._checks import FlatBatch, LossConfig, SSPOOutput, config_from, prepare_inputs
+from sspo_kernels._options import LOSS_OPTIONS, OptionSet, config_of
+from sspo_kernels._types import FlatBatch, LossConfig, SSPOOutput
+from sspo_kernels._validate import logits_layout, prepare_inputs
+
+REFERENCE_OPTIONS = OptionSet(LOSS_OPTIONS)
 
 
 def naive_logprob_entropy(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """l_t = log softmax(z_t / tau)[y_t] and H_t = -sum_v p log p, in float64 (SPEC "Token quantities").
+    """l_t = log softmax(z_t / tau)[y_t] and H_t = -sum_v p log p, in float64 (docs/loss.md "Token quantities").
 
     logits (..., V) any float dtype; tokens (...) int (ids outside [0, V) give l_t = 0 there).
     """
@@ -30,7 +36,7 @@ def naive_logprob_entropy(
 
 
 def naive_segments(batch: FlatBatch, granularity: str) -> list[list[int]]:
-    """The segments as lists of token indices, by walking each response token by token (SPEC "Segments")."""
+    """The segments as lists of token indices, by walking each response token by token (docs/loss.md "Segments")."""
     mask = batch.mask.tolist()
     responses = batch.response_ids.tolist()
     tokens = batch.tokens.tolist()
@@ -69,7 +75,7 @@ def naive_segment_ids(batch: FlatBatch, granularity: str) -> torch.Tensor:
 
 
 def _token_weights(batch: FlatBatch, cfg: LossConfig) -> torch.Tensor:
-    """Aggregation weight w_t of every token (SPEC "Aggregation"); 0 where masked out."""
+    """Aggregation weight w_t of every token (docs/loss.md "Aggregation"); 0 where masked out."""
     mask = batch.mask.double()
     n_tokens = mask.sum()
     per_response = torch.zeros(batch.num_responses, dtype=torch.float64)
@@ -94,54 +100,36 @@ def _token_weights(batch: FlatBatch, cfg: LossConfig) -> torch.Tensor:
     return mask / (n_of_token * responses)
 
 
+@REFERENCE_OPTIONS.signature
 def sspo_loss(
     logits: torch.Tensor,
     tokens: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    *,
-    granularity: str = "subsentence",
-    boundary: torch.Tensor | None = None,
-    segment_ids: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    eps_low: float | None = None,
-    eps_high: float | None = None,
-    entropy_gamma: float | None = None,
-    k_min: float | None = None,
-    k_max: float | None = None,
-    entropy_ref: str | float = "batch",
-    adapt_low: bool = True,
-    adapt_high: bool = True,
-    dual_clip: float | None = None,
-    beta: float = 0.0,
-    ref_logprobs: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
-    temperature: float = 1.0,
-    loss_agg_mode: str = "token-mean",
-    normalizer: float | torch.Tensor | None = None,
-    norm_len: int | float | None = None,
-    log_ratio_clamp: float = 20.0,
-    ratio_grad: str = "exact",
+    **options: Any,
 ) -> SSPOOutput:
-    """The SSPO/GSPO/GRPO policy loss of SPEC.md, in float64 with autograd. See the README for the options."""
-    cfg = config_from(locals())
+    """The SSPO/GSPO/GRPO policy loss of docs/loss.md, in float64 with autograd. The options are
+    `sspo_kernels.sspo_loss`'s loss options (README "API")."""
+    opts = REFERENCE_OPTIONS.parse("reference.sspo_loss", options)
+    cfg = config_of(opts)
+    logits, layout = logits_layout(logits)
     batch = prepare_inputs(
-        cfg, logits, tokens, old_logprobs, advantages, mask,
-        boundary=boundary, segment_ids=segment_ids, cu_seqlens=cu_seqlens,
-        ref_logprobs=ref_logprobs, normalizer=normalizer, norm_len=norm_len,
+        cfg, layout, tokens, old_logprobs, advantages, mask,
+        **{k: opts[k] for k in ("boundary", "segment_ids", "cu_seqlens", "ref_logprobs", "normalizer", "norm_len")},
     )  # fmt: skip
-    device = batch.logits.device
+    device = layout.device
+    logits = logits.cpu().reshape(-1, logits.shape[-1])
     batch = _to_cpu(batch)
 
-    logp, entropy = naive_logprob_entropy(batch.logits_2d, batch.tokens, cfg.temperature)
+    logp, entropy = naive_logprob_entropy(logits, batch.tokens, cfg.temperature)
     mask = batch.mask
     zero = torch.zeros((), dtype=torch.float64)
 
     def masked(x: torch.Tensor) -> torch.Tensor:  # zero where masked out, whatever x holds there
         return torch.where(mask, x, zero)
 
-    old = batch.old_logprobs.double()
+    old = logp.detach() if batch.old_logprobs is None else batch.old_logprobs.double()  # None: on-policy
     adv = batch.advantages.double()
     c = cfg.log_ratio_clamp
     n_tokens = int(mask.sum())

@@ -1,22 +1,26 @@
-"""Fused kernels for GRPO / GSPO / SSPO policy losses. See README.md and SPEC.md.
+"""Fused kernels for GRPO / GSPO / SSPO policy losses. See README.md and docs/loss.md.
 
 Importing this package touches no device and reads no environment variable.
 """
 
-from sspo_kernels._checks import SSPOOutput
+from sspo_kernels._types import METRIC_NAMES, SSPOOutput
 from sspo_kernels.boundary import SENTENCE_CHARS, SUBSENTENCE_CHARS, boundary_table
+from sspo_kernels.from_logprobs import SSPOLossFromLogprobs, sspo_loss_from_logprobs
 from sspo_kernels.fused_linear import SSPOLossFromHidden, sspo_loss_from_hidden
 from sspo_kernels.loss import SSPOLoss, segment_ids, sspo_loss
 
 __all__ = [
+    "METRIC_NAMES",
     "SENTENCE_CHARS",
     "SUBSENTENCE_CHARS",
     "SSPOLoss",
     "SSPOLossFromHidden",
+    "SSPOLossFromLogprobs",
     "SSPOOutput",
     "boundary_table",
     "segment_ids",
     "sspo_loss",
     "sspo_loss_from_hidden",
+    "sspo_loss_from_logprobs",
 ]
 __version__ = "0.1.0"

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sspo_kernels._config import all_vocab_block_configs
+from sspo_kernels.ops.vocab.blocks import all_vocab_block_configs
 
 TARGETS = (80, 90)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -66,9 +66,8 @@ def _kernel_specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], torc
 
     Sizes are i32 and strides i64 (a stride past 2^31 elements is the case that matters).
     """
-    from sspo_kernels.ops.logprob_entropy import logprob_entropy_bwd_kernel, logprob_entropy_fwd_kernel
-    from sspo_kernels.ops.segment import SEGMENT_BLOCK_T, SEGMENT_NUM_WARPS
-    from sspo_kernels.ops.segment_kernels import segment_sum_kernel
+    from sspo_kernels.ops.segment.triton import SEGMENT_BLOCK_T, SEGMENT_NUM_WARPS, segment_sum_kernel
+    from sspo_kernels.ops.vocab.triton import logprob_entropy_bwd_kernel, logprob_entropy_fwd_kernel
 
     sizes = {"row_start": "i32", "V": "i32", "T": "i32", "stride_b": "i64", "stride_t": "i64"}
     specs = []

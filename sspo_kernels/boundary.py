@@ -1,4 +1,4 @@
-"""Boundary tables: which vocabulary ids end a subsentence or a sentence (SPEC.md, "Segments").
+"""Boundary tables: which vocabulary ids end a subsentence or a sentence (docs/loss.md "Segments").
 
 A boundary token is one whose decoded text contains a boundary character. `boundary_table`
 decides that once per tokenizer, on the host, and returns a `(V,)` bool tensor; the loss then

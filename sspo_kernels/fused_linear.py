@@ -1,8 +1,8 @@
-"""`sspo_loss_from_hidden`: the loss of SPEC.md from the last hidden states and the output projection,
+"""`sspo_loss_from_hidden`: the loss of docs/loss.md from the last hidden states and the output projection,
 z_t = W h_t + b, without ever holding the `(N, V)` logits.
 
 Tokens are processed in chunks of rows. Per chunk: the logits `hidden_c @ weight.T (+ bias)` in the
-input dtype (fp32 accumulation inside the matmul), the vocabulary pass of the backend (`vocab_pass`:
+input dtype (fp32 accumulation inside the matmul), the vocabulary pass of the backend (`backend.py`:
 Triton on CUDA, chunked PyTorch on the CPU), and later the chunk's gradient, whose dLoss/dlogits is
 written over the chunk's logits buffer (`inplace=True`) and turned into
     grad_hidden_c = dlogits_c @ W,   grad_W += dlogits_c^T @ hidden_c,   grad_b += sum_rows dlogits_c,
@@ -26,19 +26,26 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
-from sspo_kernels._checks import FlatBatch, LossConfig, SSPOOutput, config_from, prepare_inputs
-from sspo_kernels.loss import METRIC_NAMES, LossModule, resolve_backend, vocab_pass
+from sspo_kernels._options import HIDDEN_OPTIONS, LOSS_OPTIONS, OptionSet, config_of
+from sspo_kernels._types import FlatBatch, LossConfig, SSPOOutput, VocabStats
+from sspo_kernels._validate import hidden_layout, prepare_inputs
+from sspo_kernels.backend import get_backend
+from sspo_kernels.loss import INPUT_NAMES, LossModule
 from sspo_kernels.ops.objective import (
     finalize_metrics,
+    make_output,
     merge_metric_sums,
     objective_bwd,
     objective_fwd,
     token_weights,
 )
-from sspo_kernels.ops.segment import compute_segment_ids
+from sspo_kernels.ops.segment.ids import batch_segment_ids
+
+SSPO_LOSS_FROM_HIDDEN_OPTIONS = OptionSet(LOSS_OPTIONS, HIDDEN_OPTIONS)
 
 # Bytes of one chunk's logits counted in fp32 (rows * V * 4), by device type. The chunked-torch
 # vocabulary pass is handed the same rows per call, so on the CPU a chunk costs its logits plus two
@@ -52,7 +59,7 @@ CHUNK_BYTES = {"cuda": 1 << 28}
 DEFAULT_CHUNK_BYTES = 1 << 24
 
 
-def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
+def linear_chunk_tokens(vocab_size: int, device: torch.device | str = "cpu") -> int:
     """Tokens per chunk: as many rows as make `CHUNK_BYTES` of fp32 logits (at least 1)."""
     budget = CHUNK_BYTES.get(torch.device(device).type, DEFAULT_CHUNK_BYTES)
     return max(1, budget // (4 * max(vocab_size, 1)))
@@ -170,13 +177,27 @@ class _Grads:
             bias=torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs[2] else None,
         )
 
-    def add_chunk(self, dlogits: torch.Tensor, hidden_c: torch.Tensor, weight: torch.Tensor, s: int, e: int):
+    def add_chunk(
+        self, dlogits: torch.Tensor, hidden_c: torch.Tensor, mask_c: torch.Tensor, weight: torch.Tensor, s: int, e: int
+    ):
+        """Add one chunk's share: dlogits (rows, V), hidden_c (rows, H), mask_c (rows,) bool."""
         if self.hidden is not None:
             torch.mm(dlogits, weight, out=self.hidden[s:e])
         if self.weight is not None:
-            _add_product_fp32(self.weight, dlogits.t(), hidden_c)
+            # a masked-out row has zero dlogits, but 0 * NaN (a NaN hidden state at padding) is NaN:
+            # such rows must not reach the weight gradient, so their hidden rows are zeroed first
+            hidden_in = torch.where(mask_c[:, None], hidden_c, hidden_c.new_zeros(()))
+            _add_product_fp32(self.weight, dlogits.t(), hidden_in)
         if self.bias is not None:
             self.bias.add_(dlogits.sum(0, dtype=torch.float32))
+
+    def finish(self, scale, hidden, weight, bias) -> tuple[torch.Tensor | None, ...]:
+        """The three gradients in their parameters' dtypes."""
+        return (
+            _finish(self.hidden, scale, hidden.dtype),
+            _finish(self.weight, scale, weight.dtype),
+            None if bias is None else _finish(self.bias, scale, bias.dtype),
+        )
 
 
 def _chunk_batch(batch: FlatBatch, s: int, e: int) -> FlatBatch:
@@ -192,70 +213,111 @@ def _chunk_batch(batch: FlatBatch, s: int, e: int) -> FlatBatch:
 # ---------------------------------------------------------------- the two schedules
 
 
-def _two_phase_fwd(hidden, weight, bias, batch, seg, cfg, bounds, use_triton):
-    """Per-token statistics chunk by chunk, then the segment step on the whole batch."""
-    fwd, _ = vocab_pass(use_triton, _rows(bounds))
-    n = batch.num_tokens
-    stats = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
-    for s, e in bounds:
-        logits = _chunk_logits(hidden[s:e], weight, bias)
-        for out, value in zip(stats, fwd(logits, batch.tokens[s:e], batch.mask[s:e], cfg.temperature)):
-            out[s:e] = value
-        del logits
-    logp, entropy, lse = stats
-    step = objective_fwd(logp, entropy, seg, batch, cfg, use_triton=use_triton)
-    return step.loss, logp, entropy, lse, finalize_metrics(step.metric_sums), step.saved
+class TwoPhaseFunction(torch.autograd.Function):
+    """Forward: per-token statistics chunk by chunk, then the segment step on the whole batch.
+    Backward: recompute each chunk's logits and turn them into its gradients.
+    Differentiable in hidden (N, H), weight (V, H) and bias (V,); every other input is data."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, batch: FlatBatch, seg, cfg: LossConfig, plan: ChunkPlan, backend, grad_on):
+        n = batch.num_tokens
+        stats = VocabStats(*(torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)))
+        for s, e in plan.bounds:
+            logits = _chunk_logits(hidden[s:e], weight, bias)
+            chunk = backend.vocab_fwd(logits, batch.tokens[s:e], batch.mask[s:e], cfg.temperature)
+            for out, value in zip(stats, chunk):
+                out[s:e] = value
+            del logits
+        step = objective_fwd(stats.logp, stats.entropy, seg, batch, cfg, backend=backend)
+        ctx.save_for_backward(hidden, weight, bias, batch.tokens, batch.mask, *stats, *step.saved)
+        ctx.cfg, ctx.plan, ctx.backend = cfg, plan, backend
+        ctx.needs = _needs(ctx, grad_on)
+        metrics = tuple(finalize_metrics(step.metric_sums).values())
+        ctx.mark_non_differentiable(stats.logp, stats.entropy, *metrics)
+        return (step.loss, stats.logp, stats.entropy, *metrics)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        hidden, weight, bias, tokens, mask, logp, entropy, lse, *saved = ctx.saved_tensors
+        cfg, backend = ctx.cfg, ctx.backend
+        grad_logp, grad_entropy = objective_bwd(saved, grad_loss, cfg, backend)
+        stats = VocabStats(logp, entropy, lse)
+        grads = _Grads.empty(hidden, weight, bias, ctx.needs)
+        for s, e in ctx.plan.bounds:
+            logits = _chunk_logits(hidden[s:e], weight, bias)
+            dlogits = backend.vocab_bwd(
+                logits, tokens[s:e], mask[s:e], VocabStats(*(t[s:e] for t in stats)), grad_logp[s:e],
+                _rows_of(grad_entropy, s, e), cfg.temperature, inplace=True,
+            )  # fmt: skip
+            grads.add_chunk(dlogits, hidden[s:e], mask[s:e], weight, s, e)
+            del logits, dlogits
+        return (*grads.finish(None, hidden, weight, bias), None, None, None, None, None, None)
 
 
-def _two_phase_bwd(hidden, weight, bias, tokens, mask, lse, entropy, saved, grad_loss, cfg, bounds, use_triton, needs):
-    """Recompute each chunk's logits and turn them into its gradients."""
-    grad_logp, grad_entropy = objective_bwd(saved, grad_loss, cfg, use_triton=use_triton)
-    _, bwd = vocab_pass(use_triton, _rows(bounds))
-    grads = _Grads.empty(hidden, weight, bias, needs)
-    for s, e in bounds:
-        logits = _chunk_logits(hidden[s:e], weight, bias)
-        dlogits = bwd(
-            logits, tokens[s:e], mask[s:e], lse[s:e], entropy[s:e], grad_logp[s:e], grad_entropy[s:e],
-            cfg.temperature, inplace=True,
+class SinglePassFunction(torch.autograd.Function):
+    """Forward: each chunk's statistics, segment step and gradients (for a unit upstream gradient) while
+    its logits are in memory. Backward: scale the gradients by the upstream scalar.
+    Differentiable in hidden (N, H), weight (V, H) and bias (V,); every other input is data."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, batch: FlatBatch, seg, cfg: LossConfig, plan: ChunkPlan, backend, grad_on):
+        needs = _needs(ctx, grad_on)
+        n, device = batch.num_tokens, hidden.device
+        weights = token_weights(batch, cfg)  # whole-batch normalisers, computed once
+        # Segment ids are numbered in token order and chunks hold whole segments, so a chunk's first id is
+        # one more than the largest id before it: a running max gives it without reading anything back.
+        seen = seg.cummax(0).values if n else seg
+        unit = torch.ones((), dtype=torch.float32, device=device)
+        logp = torch.empty(n, dtype=torch.float32, device=device)
+        entropy = torch.empty(n, dtype=torch.float32, device=device)
+        grads = _Grads.empty(hidden, weight, bias, needs)
+        losses, parts = [], []
+        for s, e in plan.bounds:
+            sub = _chunk_batch(batch, s, e)
+            first = seen[s - 1] + 1 if s > 0 else 0
+            seg_c = torch.where(seg[s:e] >= 0, seg[s:e] - first, -1)
+            logits = _chunk_logits(hidden[s:e], weight, bias)
+            stats = backend.vocab_fwd(logits, sub.tokens, sub.mask, cfg.temperature)
+            step = objective_fwd(stats.logp, stats.entropy, seg_c, sub, cfg, backend=backend, weights=weights[s:e])
+            losses.append(step.loss)
+            parts.append(step.metric_sums)
+            logp[s:e], entropy[s:e] = stats.logp, stats.entropy
+            if any(needs):
+                grad_logp, grad_entropy = objective_bwd(step.saved, unit, cfg, backend)
+                dlogits = backend.vocab_bwd(
+                    logits, sub.tokens, sub.mask, stats, grad_logp, grad_entropy, cfg.temperature, inplace=True
+                )
+                grads.add_chunk(dlogits, hidden[s:e], sub.mask, weight, s, e)
+                del dlogits
+            del logits
+        # Saved (not stashed on ctx) so that a second backward through them is refused by autograd: the
+        # first one scales them in place.
+        ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        metrics = tuple(finalize_metrics(merge_metric_sums(parts)).values())
+        ctx.mark_non_differentiable(logp, entropy, *metrics)
+        return (torch.stack(losses).sum(), logp, entropy, *metrics)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        grads = _Grads(*ctx.saved_tensors)
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        return (
+            _finish(grads.hidden, grad_loss.float(), h_dtype),
+            _finish(grads.weight, grad_loss.float(), w_dtype),
+            _finish(grads.bias, grad_loss.float(), b_dtype),
+            None, None, None, None, None, None,
         )  # fmt: skip
-        grads.add_chunk(dlogits, hidden[s:e], weight, s, e)
-        del logits, dlogits
-    return grads
 
 
-def _single_pass_fwd(hidden, weight, bias, batch, seg, cfg, bounds, use_triton, needs):
-    """Statistics, segment step and unit-upstream gradients of each chunk while its logits are live."""
-    fwd, bwd = vocab_pass(use_triton, _rows(bounds))
-    n, device = batch.num_tokens, hidden.device
-    weights = token_weights(batch, cfg)  # whole-batch normalisers, computed once
-    # Segment ids are numbered in token order and chunks hold whole segments, so a chunk's first id is
-    # one more than the largest id before it: a running max gives it without reading anything back.
-    seen = seg.cummax(0).values if n else seg
-    unit = torch.ones((), dtype=torch.float32, device=device)
-    logp = torch.empty(n, dtype=torch.float32, device=device)
-    entropy = torch.empty(n, dtype=torch.float32, device=device)
-    grads = _Grads.empty(hidden, weight, bias, needs)
-    losses, parts = [], []
-    for s, e in bounds:
-        sub = _chunk_batch(batch, s, e)
-        first = seen[s - 1] + 1 if s > 0 else 0
-        seg_c = torch.where(seg[s:e] >= 0, seg[s:e] - first, -1)
-        logits = _chunk_logits(hidden[s:e], weight, bias)
-        lp, ent, lse = fwd(logits, sub.tokens, sub.mask, cfg.temperature)
-        step = objective_fwd(lp, ent, seg_c, sub, cfg, use_triton=use_triton, weights=weights[s:e])
-        losses.append(step.loss)
-        parts.append(step.metric_sums)
-        logp[s:e], entropy[s:e] = lp, ent
-        if any(needs):
-            grad_logp, grad_entropy = objective_bwd(step.saved, unit, cfg, use_triton=use_triton)
-            dlogits = bwd(
-                logits, sub.tokens, sub.mask, lse, ent, grad_logp, grad_entropy, cfg.temperature, inplace=True
-            )
-            grads.add_chunk(dlogits, hidden[s:e], weight, s, e)
-            del dlogits
-        del logits
-    loss = torch.stack(losses).sum()
-    return loss, logp, entropy, finalize_metrics(merge_metric_sums(parts)), grads
+def _needs(ctx, grad_on: bool) -> tuple[bool, bool, bool]:
+    """Which of hidden, weight, bias need a gradient: `needs_input_grad` ignores the caller's grad mode
+    (forward itself runs without grad), which `grad_on` carries."""
+    return tuple(grad_on and bool(n) for n in ctx.needs_input_grad[:3])
+
+
+def _rows_of(t: torch.Tensor | None, s: int, e: int) -> torch.Tensor | None:
+    return None if t is None else t[s:e]
 
 
 def _finish(grad: torch.Tensor | None, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -269,120 +331,20 @@ def _finish(grad: torch.Tensor | None, scale: torch.Tensor | None, dtype: torch.
     return grad.copy_(grad.float().mul_(scale))  # 16-bit hidden gradient: scale in fp32, round once
 
 
-class FusedLinearSSPOFunction(torch.autograd.Function):
-    """Differentiable in hidden (N, H), weight (V, H) and bias (V,); every other input is data."""
-
-    @staticmethod
-    def forward(
-        ctx, hidden, weight, bias, batch: FlatBatch, seg, cfg: LossConfig, plan: ChunkPlan, use_triton, grad_on
-    ):
-        # needs_input_grad ignores the grad mode of the caller (forward itself runs without grad): `grad_on` has it
-        needs = tuple(grad_on and bool(n) for n in ctx.needs_input_grad[:3])
-        ctx.cfg, ctx.plan, ctx.use_triton, ctx.needs = cfg, plan, use_triton, needs
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        if plan.single_pass:
-            loss, logp, entropy, metrics, grads = _single_pass_fwd(
-                hidden, weight, bias, batch, seg, cfg, plan.bounds, use_triton, needs
-            )
-            # Saved (not stashed on ctx) so that a second backward through them is refused by autograd:
-            # the first one scales them in place.
-            ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
-        else:
-            loss, logp, entropy, lse, metrics, saved = _two_phase_fwd(
-                hidden, weight, bias, batch, seg, cfg, plan.bounds, use_triton
-            )
-            ctx.save_for_backward(hidden, weight, bias, batch.tokens, batch.mask, lse, entropy, *saved)
-        metrics = tuple(metrics[name] for name in METRIC_NAMES)
-        ctx.mark_non_differentiable(logp, entropy, *metrics)
-        return (loss, logp, entropy, *metrics)
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_unused):
-        if ctx.plan.single_pass:
-            grads = _Grads(*ctx.saved_tensors)
-            scale = grad_loss.float()
-        else:
-            hidden, weight, bias, tokens, mask, lse, entropy, *saved = ctx.saved_tensors
-            grads = _two_phase_bwd(
-                hidden, weight, bias, tokens, mask, lse, entropy, saved, grad_loss, ctx.cfg, ctx.plan.bounds,
-                ctx.use_triton, ctx.needs,
-            )  # fmt: skip
-            scale = None  # the upstream gradient is already in
-        h_dtype, w_dtype, b_dtype = ctx.dtypes
-        return (
-            _finish(grads.hidden, scale, h_dtype),
-            _finish(grads.weight, scale, w_dtype),
-            _finish(grads.bias, scale, b_dtype),
-            None, None, None, None, None, None,
-        )  # fmt: skip
-
-
 # ---------------------------------------------------------------- public API
 
 
-def _check_linear(hidden, weight, bias, cu_seqlens) -> None:
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden must be (N, H), (B, T, H) or packed (total, H), got shape {tuple(hidden.shape)}")
-    if cu_seqlens is not None and hidden.dim() != 2:
-        raise ValueError("cu_seqlens describes a packed batch: hidden must then be (total, H)")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"weight must be (V, H) with H = {hidden.shape[-1]} and V >= 1, got {tuple(weight.shape)}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
-        raise ValueError(f"bias must be a ({weight.shape[0]},) tensor, got {getattr(bias, 'shape', bias)!r}")
-    params = (("weight", weight),) + ((("bias", bias),) if bias is not None else ())
-    for name, t in params:
-        if t.dtype != hidden.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}; cast them to one dtype")
-        if t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-
-
-def _logits_stand_in(token_shape, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A (..., V) tensor with the logits' shape, dtype and device but only V elements of storage, for
-    the shared argument checks (they read shapes, never values); every token row aliases one row."""
-    row = torch.zeros(vocab, dtype=dtype, device=device)
-    return row.as_strided((*token_shape, vocab), (0,) * len(token_shape) + (1,))
-
-
+@SSPO_LOSS_FROM_HIDDEN_OPTIONS.signature
 def sspo_loss_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     tokens: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    granularity: str = "subsentence",
-    boundary: torch.Tensor | None = None,
-    segment_ids: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    eps_low: float | None = None,
-    eps_high: float | None = None,
-    entropy_gamma: float | None = None,
-    k_min: float | None = None,
-    k_max: float | None = None,
-    entropy_ref: str | float = "batch",
-    adapt_low: bool = True,
-    adapt_high: bool = True,
-    dual_clip: float | None = None,
-    beta: float = 0.0,
-    ref_logprobs: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
-    temperature: float = 1.0,
-    loss_agg_mode: str = "token-mean",
-    normalizer: float | torch.Tensor | None = None,
-    norm_len: int | float | None = None,
-    log_ratio_clamp: float = 20.0,
-    ratio_grad: str = "exact",
-    backend: str = "auto",
-    chunk_size: int | None = None,
-    single_pass: bool | None = None,
+    **options: Any,
 ) -> SSPOOutput:
     """`sspo_loss` on the logits z_t = weight @ hidden_t (+ bias), without building them for all tokens.
 
@@ -391,7 +353,7 @@ def sspo_loss_from_hidden(
     `SSPOOutput(loss, logprobs, entropy, metrics)` are those of `sspo_loss`. Differentiable in hidden,
     weight and bias (the parameter gradients are summed in fp32 and returned in their dtype).
 
-    chunk_size: tokens per chunk (default `default_chunk_size(V, device)`: about 16 MiB of fp32
+    chunk_size: tokens per chunk (default `linear_chunk_tokens(V, device)`: about 16 MiB of fp32
     logits on the CPU, 256 MiB on a GPU). Peak extra memory: one chunk's logits and the vocabulary
     pass's temporaries, plus the gradients (N x H, and V x H in fp32), never anything (N, V).
 
@@ -408,32 +370,25 @@ def sspo_loss_from_hidden(
     single-pass schedule the gradients are computed during the forward whenever an input requires
     grad and grad mode is on, and a second backward through the same graph is refused.
     """
-    cfg = config_from(locals())
-    _check_linear(hidden, weight, bias, cu_seqlens)
-    token_shape, vocab = hidden.shape[:-1], weight.shape[0]
-    stand_in = _logits_stand_in(token_shape, vocab, hidden.dtype, hidden.device)
-    batch = prepare_inputs(
-        cfg, stand_in, tokens, old_logprobs, advantages, mask, boundary=boundary, segment_ids=segment_ids,
-        cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, normalizer=normalizer, norm_len=norm_len,
-    )  # fmt: skip
+    opts = SSPO_LOSS_FROM_HIDDEN_OPTIONS.parse("sspo_loss_from_hidden", options)
+    cfg = config_of(opts)
+    layout = hidden_layout(hidden, weight, bias, opts["cu_seqlens"])
+    batch = prepare_inputs(cfg, layout, tokens, old_logprobs, advantages, mask, **{k: opts[k] for k in INPUT_NAMES})
+    chunk_size, single_pass = opts["chunk_size"], opts["single_pass"]
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if single_pass is not None and not isinstance(single_pass, bool):
         raise TypeError(f"single_pass must be a bool or None, got {type(single_pass).__name__}")
-    use_triton = resolve_backend(backend, hidden.device)
-    chunk = chunk_size or default_chunk_size(vocab, hidden.device)
-    plan = plan_chunks(cfg, tuple(token_shape), cu_seqlens, chunk, single_pass)
-    seg = compute_segment_ids(
-        batch.tokens, batch.mask, batch.response_ids, cfg.granularity,
-        boundary=batch.boundary, given_ids=batch.segment_ids,
-    )  # fmt: skip
-    loss, logp, entropy, *metrics = FusedLinearSSPOFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, batch, seg, cfg, plan, use_triton, torch.is_grad_enabled()
+    chunk = chunk_size or linear_chunk_tokens(layout.vocab_size, layout.device)
+    plan = plan_chunks(cfg, layout.token_shape, opts["cu_seqlens"], chunk, single_pass)
+    # the torch vocabulary pass takes a whole chunk per step
+    backend = get_backend(opts["backend"], layout.device, chunk_size=_rows(plan.bounds))
+    seg = batch_segment_ids(batch, cfg.granularity)
+    function = SinglePassFunction if plan.single_pass else TwoPhaseFunction
+    loss, logp, entropy, *metrics = function.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, batch, seg, cfg, plan, backend, torch.is_grad_enabled()
     )
-    shape = batch.token_shape
-    if cfg.loss_agg_mode == "none":
-        loss = loss.reshape(shape)
-    return SSPOOutput(loss, logp.reshape(shape), entropy.reshape(shape), dict(zip(METRIC_NAMES, metrics)))
+    return make_output(cfg, batch, loss, logp, entropy, metrics)
 
 
 class SSPOLossFromHidden(LossModule):
@@ -444,7 +399,7 @@ class SSPOLossFromHidden(LossModule):
     normalisers go to `forward`, every other option to the constructor.
     """
 
-    EXTRA_OPTIONS = frozenset({"backend", "chunk_size", "single_pass"})
+    OPTIONS = SSPO_LOSS_FROM_HIDDEN_OPTIONS
 
     def forward(
         self,

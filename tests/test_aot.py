@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sspo_kernels._config import MAX_WARPS, all_vocab_block_configs, vocab_block_config
+from sspo_kernels.ops.vocab.blocks import MAX_WARPS, all_vocab_block_configs, vocab_block_config
 
 REPO = Path(__file__).resolve().parents[1]
 VOCABS = [1, 100, 1000, 5003, 32000, 50257, 128256, 152064]

@@ -11,12 +11,12 @@ import json
 
 import pytest
 import torch
+from _assert import assert_close, assert_rel_norm
+from _cases import make_batch
 
 import reference
 from bench.baseline import baseline_loss_from_hidden, baseline_sspo_loss
 from bench.run import main
-from tests._assert import assert_close, assert_rel_norm
-from tests._cases import make_batch
 
 
 @pytest.mark.parametrize("granularity", ["subsentence", "sentence", "sequence", "token"])

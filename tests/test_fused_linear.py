@@ -12,19 +12,19 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from _assert import assert_close, assert_rel_norm
+from _cases import IGNORE, Batch, make_batch, pack
 
 import reference
 from bench.memory import peak_extra_bytes
 from sspo_kernels import fused_linear
-from sspo_kernels._checks import make_config
+from sspo_kernels._options import make_config
 from sspo_kernels.fused_linear import (
     SSPOLossFromHidden,
-    default_chunk_size,
+    linear_chunk_tokens,
     plan_chunks,
     sspo_loss_from_hidden,
 )
-from tests._assert import assert_close, assert_rel_norm
-from tests._cases import IGNORE, Batch, make_batch, pack
 
 HIDDEN = 8
 VOCAB = 37
@@ -334,22 +334,23 @@ def test_single_pass_refuses_a_second_backward():
 
 
 @pytest.mark.parametrize(
-    "change, message",
+    "change, error, message",
     [
-        (lambda c: {"weight": c["weight"][:, :-1]}, "weight must be"),
-        (lambda c: {"bias": c["bias"][:-1]}, "bias must be"),
-        (lambda c: {"weight": c["weight"].double()}, "weight has dtype"),
-        (lambda c: {"hidden": c["hidden"].reshape(-1, HIDDEN), "cu_seqlens": torch.tensor([0, 36])}, "tokens"),
-        (lambda c: {"chunk_size": 0}, "chunk_size"),
+        (lambda c: {"weight": c["weight"][:, :-1]}, ValueError, "weight must be"),
+        (lambda c: {"bias": c["bias"][:-1]}, ValueError, "bias must be"),
+        (lambda c: {"weight": c["weight"].double()}, TypeError, "weight has dtype"),
+        (lambda c: {"hidden": c["hidden"].reshape(-1, HIDDEN), "cu_seqlens": torch.tensor([0, 36])}, ValueError,
+         "tokens"),
+        (lambda c: {"chunk_size": 0}, ValueError, "chunk_size"),
     ],
     ids=["weight-hidden-size", "bias-length", "weight-dtype", "hidden-tokens-shape", "chunk-size-zero"],
 )
-def test_bad_arguments(change, message):
+def test_bad_arguments(change, error, message):
     case = make_case(14)
     b_ = case.batch
     args = {"hidden": case.hidden, "weight": case.weight, "bias": case.bias}
     args |= change(args)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         sspo_loss_from_hidden(
             args.pop("hidden"), args.pop("weight"), b_.tokens, case.old_logprobs, b_.advantages.float(), b_.mask,
             granularity="token", backend="torch", **args,
@@ -398,10 +399,10 @@ def test_plan_forced_single_pass_says_why():
         _plan(entropy_ref=1.0, chunk=5, single_pass=True)
 
 
-def test_default_chunk_size():
-    assert default_chunk_size(32000) == (1 << 24) // (4 * 32000)
-    assert default_chunk_size(151936, "cuda") == (1 << 28) // (4 * 151936)
-    assert default_chunk_size(1 << 30) == 1
+def test_linear_chunk_tokens():
+    assert linear_chunk_tokens(32000) == (1 << 24) // (4 * 32000)
+    assert linear_chunk_tokens(151936, "cuda") == (1 << 28) // (4 * 151936)
+    assert linear_chunk_tokens(1 << 30) == 1
 
 
 # ---------------------------------------------------------------- memory

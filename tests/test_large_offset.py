@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     from _assert import assert_close, assert_rel_norm
 
     from reference import naive_logprob_entropy
-    from sspo_kernels.ops.logprob_entropy import logprob_entropy_bwd, logprob_entropy_fwd
+    from sspo_kernels.ops.vocab.triton import logprob_entropy_bwd, logprob_entropy_fwd
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows, vocab, last, tau = 14200, 152064, 3, 0.7

@@ -15,7 +15,7 @@ import torch
 from _assert import assert_close, assert_rel_norm
 
 from reference import naive_logprob_entropy
-from sspo_kernels.ops.logprob_entropy import logprob_entropy_bwd, logprob_entropy_fwd
+from sspo_kernels.ops.vocab.triton import logprob_entropy_bwd, logprob_entropy_fwd
 
 IGNORE = -100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from bench.memory import peak_extra_bytes
 from reference import naive_logprob_entropy
-from sspo_kernels.ops.logprob_entropy_torch import (
-    default_chunk_size,
+from sspo_kernels.ops.vocab.torch import (
     logprob_entropy_bwd,
     logprob_entropy_fwd,
+    vocab_chunk_rows,
 )
 
 IGNORE = -100
@@ -142,7 +142,7 @@ def test_matches_reference(dtype, n, v, chunk, seed, tau):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_qwen_sized_vocab(dtype):
     """V = 152064 (Qwen2): a handful of rows per chunk by default, so 7 rows take several chunks."""
-    assert default_chunk_size(152064, dtype) < 7
+    assert vocab_chunk_rows(152064, dtype) < 7
     run_both(*make_case(7, 152064, dtype, seed=5), 0.7)
 
 
@@ -292,13 +292,13 @@ def test_non_finite_logits_propagate(bad):
     assert_rel_norm("dlogits (finite rows)", grad[others], want[others], tol=GRAD_REL_FP32)
 
 
-def test_default_chunk_size():
+def test_vocab_chunk_rows():
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        sizes = [default_chunk_size(v, dtype) for v in (1, 17, 1000, 32000, 152064, 10**7)]
+        sizes = [vocab_chunk_rows(v, dtype) for v in (1, 17, 1000, 32000, 152064, 10**7)]
         assert all(s >= 1 for s in sizes) and sizes == sorted(sizes, reverse=True)
         assert sizes[-1] == 1
         # the fp32 temporaries of one chunk (two (C, V) buffers) stay a few MB
-        assert default_chunk_size(32000, dtype) * 32000 * 4 * 2 <= 8 * 2**20
+        assert vocab_chunk_rows(32000, dtype) * 32000 * 4 * 2 <= 8 * 2**20
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

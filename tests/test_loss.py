@@ -14,8 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference
-from sspo_kernels import SSPOLoss, sspo_loss
-from sspo_kernels.loss import METRIC_NAMES
+from sspo_kernels import METRIC_NAMES, SSPOLoss, sspo_loss
 
 BACKENDS = ["torch", "triton"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

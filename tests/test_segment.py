@@ -11,8 +11,11 @@ from hypothesis import strategies as st
 
 import reference
 from sspo_kernels import segment_ids
-from sspo_kernels._checks import make_config, prepare_inputs
-from sspo_kernels.ops.segment import segment_bounds, segment_sum
+from sspo_kernels._options import make_config
+from sspo_kernels._validate import logits_layout, prepare_inputs
+from sspo_kernels.ops.segment import torch as segment_torch
+from sspo_kernels.ops.segment import triton as segment_triton
+from sspo_kernels.ops.segment.ids import segment_bounds
 
 GRANULARITIES = ["subsentence", "sentence", "sequence", "token", "segments"]
 
@@ -21,7 +24,8 @@ def reference_ids(batch, granularity):
     args, kwargs = batch.inputs(granularity)
     kwargs.pop("granularity")
     kwargs.pop("ref_logprobs")
-    flat = prepare_inputs(make_config(granularity), *args, **kwargs)
+    _, layout = logits_layout(args[0])
+    flat = prepare_inputs(make_config(granularity), layout, *args[1:], **kwargs)
     return reference.naive_segment_ids(flat, granularity)
 
 
@@ -97,9 +101,9 @@ def test_segment_sum_triton_matches_index_add(layout, k):
     for t, s in enumerate(layout):
         if s >= 0:
             expected[s] += values[t].double()
-    for use_triton in (False, True):
-        got = segment_sum(values, seg, use_triton=use_triton)
-        assert_close(f"segment_sum(use_triton={use_triton})", got, expected, atol=1e-5)
+    for impl in (segment_torch, segment_triton):
+        got = impl.segment_sum(values, seg)
+        assert_close(f"{impl.__name__}.segment_sum", got, expected, atol=1e-5)
 
 
 def test_segment_bounds_cover_each_segment_span():

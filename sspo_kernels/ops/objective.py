@@ -1,8 +1,9 @@
 """The segment step: from per-token log-probs and entropies to the loss, the metrics, and the
-per-token gradient coefficients dLoss/dl_t and dLoss/dH_t (SPEC "Segment quantities" to "Outputs").
+per-token gradient coefficients dLoss/dl_t and dLoss/dH_t (docs/loss.md "Segment quantities" to
+"Outputs").
 
-Everything here is O(N) work on `(N,)` tensors, shared by both backends; only the segmented sum
-differs (see `segment.py`). Arrays indexed by segment are sized N, the most segments there can be,
+Everything here is O(N) work on `(N,)` tensors, shared by every backend; only the segmented sum
+is the backend's (`ops/segment/`). Arrays indexed by segment are sized N, the most segments there can be,
 so nothing depends on a count read back from the device.
 """
 
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sspo_kernels._checks import FlatBatch, LossConfig
-from sspo_kernels.ops.segment import segment_sum
+from sspo_kernels._types import METRIC_NAMES, FlatBatch, LossConfig, SSPOOutput
+from sspo_kernels.backend import Backend
 
 
 @dataclass
@@ -29,7 +30,7 @@ def _masked(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def token_weights(batch: FlatBatch, cfg: LossConfig) -> torch.Tensor:
-    """Aggregation weight w_t of each token (SPEC "Aggregation"), fp32, 0 where masked out."""
+    """Aggregation weight w_t of each token (docs/loss.md "Aggregation"), fp32, 0 where masked out."""
     mask = batch.mask
     ones = mask.float()
     n_tokens = ones.sum()
@@ -56,7 +57,7 @@ def objective_fwd(
     batch: FlatBatch,
     cfg: LossConfig,
     *,
-    use_triton: bool,
+    backend: Backend,
     weights: torch.Tensor | None = None,
 ) -> StepOutput:
     """logp, entropy: (N,) fp32 (0 where masked out); seg: (N,) int64 segment ids (-1 masked out).
@@ -67,15 +68,13 @@ def objective_fwd(
     """
     mask = batch.mask
     n = mask.shape[0]
-    old = batch.old_logprobs.float()
+    old = logp if batch.old_logprobs is None else batch.old_logprobs.float()  # None: on-policy, ratio 1
     adv = batch.advantages.float()
     n_tokens = mask.sum().float()
     slot = seg.clamp(min=0)  # gather index; rows of masked-out tokens are discarded by _masked
 
     # Per-segment sums of (l - q), H and the token count, in one deterministic pass.
-    sums = segment_sum(
-        torch.stack([_masked(mask, logp - old), entropy, mask.float()], dim=1), seg, use_triton=use_triton
-    )
+    sums = backend.segment_sum(torch.stack([_masked(mask, logp - old), entropy, mask.float()], dim=1), seg)
     n_seg = sums[:, 2].clamp(min=1)
     d_raw = sums[:, 0] / n_seg  # [N] per segment slot
     c = cfg.log_ratio_clamp
@@ -95,7 +94,7 @@ def objective_fwd(
     lo = 1 - cfg.eps_low * (k if cfg.adapt_low else ones)
     hi = 1 + cfg.eps_high * (k if cfg.adapt_high else ones)
 
-    # Per token: the clipped objective and its derivative a_t = dL_t/drho (SPEC "Per-token objective").
+    # Per token: the clipped objective and its derivative a_t = dL_t/drho (docs/loss.md "Per-token objective").
     rho_t, lo_t, hi_t = rho[slot], lo[slot], hi[slot]
     unclipped = -adv * rho_t
     clipped = -adv * torch.minimum(torch.maximum(rho_t, lo_t), hi_t)
@@ -128,7 +127,7 @@ def objective_fwd(
     weighted_a = _masked(mask, weights * dloss_drho)
     sensitivity = rho * in_clamp / (n_seg if cfg.ratio_grad == "exact" else 1.0)
     direct = _masked(mask, weights * direct)
-    grad_entropy = _masked(mask, weights * -cfg.entropy_coef)
+    grad_entropy = _masked(mask, weights * -cfg.entropy_coef) if cfg.entropy_coef > 0 else None
 
     s_count = (seg.max() + 1).clamp(min=0) if n else torch.zeros((), dtype=torch.int64, device=mask.device)
     metric_sums = _metric_sums(mask, adv, rho, rho_t, lo_t, hi_t, logp, old, entropy, n_tokens, s_count)
@@ -136,32 +135,37 @@ def objective_fwd(
     if cfg.loss_agg_mode == "none":
         saved = pieces  # the upstream gradient varies per token: combine in backward
     else:  # a scalar loss: keep only the coefficients for a unit upstream gradient (8 bytes a token)
-        saved = _coefficients(pieces, torch.ones(1, device=mask.device), cfg, use_triton=use_triton)
+        saved = _coefficients(pieces, torch.ones(1, device=mask.device), cfg, backend)
     return StepOutput(loss=loss, metric_sums=metric_sums, saved=saved)
 
 
 def objective_bwd(
-    saved: tuple[torch.Tensor, ...], grad_loss: torch.Tensor, cfg: LossConfig, *, use_triton: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """dLoss/dl_t and dLoss/dH_t, (N,) fp32, for the upstream gradient `grad_loss` (0-d, or (N,) for "none")."""
+    saved: tuple[torch.Tensor | None, ...], grad_loss: torch.Tensor, cfg: LossConfig, backend: Backend
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dLoss/dl_t and dLoss/dH_t, (N,) fp32, for the upstream gradient `grad_loss` (0-d, or (N,) for
+    "none"); dLoss/dH_t is None when the loss has no entropy term."""
     upstream = grad_loss.float().reshape(-1)  # (1,) for a scalar loss, (N,) for "none"
     if cfg.loss_agg_mode == "none":
-        return _coefficients(saved, upstream, cfg, use_triton=use_triton)
+        return _coefficients(saved, upstream, cfg, backend)
     grad_logp, grad_entropy = saved  # computed in forward for a unit upstream gradient
-    return upstream * grad_logp, upstream * grad_entropy
+    return upstream * grad_logp, _scaled(upstream, grad_entropy)
 
 
-def _coefficients(pieces, upstream: torch.Tensor, cfg: LossConfig, *, use_triton: bool):
+def _scaled(upstream: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
+    return None if grad is None else upstream * grad
+
+
+def _coefficients(pieces, upstream: torch.Tensor, cfg: LossConfig, backend: Backend):
     """dLoss/dl_t and dLoss/dH_t from the per-token gradient pieces and the upstream gradient."""
     weighted_a, sensitivity_t, direct, grad_entropy, seg = pieces
     if cfg.ratio_grad == "exact":
         # dLoss/dl_t = (rho_s / n_s) * sum over the segment's tokens t' of upstream * w_t' * a_t'
-        per_seg = segment_sum((upstream * weighted_a).unsqueeze(1), seg, use_triton=use_triton)
+        per_seg = backend.segment_sum((upstream * weighted_a).unsqueeze(1), seg)
         through_ratio = sensitivity_t * per_seg[seg.clamp(min=0), 0]
     else:
         through_ratio = sensitivity_t * upstream * weighted_a
     grad_logp = _masked(seg >= 0, through_ratio + upstream * direct)
-    return grad_logp, upstream * grad_entropy
+    return grad_logp, _scaled(upstream, grad_entropy)
 
 
 def _metric_sums(mask, adv, rho, rho_t, lo_t, hi_t, logp, old, entropy, n_tokens, s_count):
@@ -190,13 +194,13 @@ def merge_metric_sums(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.T
 
 
 def finalize_metrics(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The SPEC's metrics as detached device tensors; every metric is 0 when nothing is masked in."""
+    """The metrics of docs/loss.md "Outputs" as detached device tensors; every metric is 0 when nothing is masked in."""
     tokens = sums["tokens"].clamp(min=1)
     segments = sums["segments"]
     any_seg = segments > 0
     per_seg = segments.clamp(min=1).float()
     zero = torch.zeros((), device=tokens.device)
-    return {
+    metrics = {
         "clip_frac_low": sums["clip_low"] / tokens,
         "clip_frac_high": sums["clip_high"] / tokens,
         "clip_frac": (sums["clip_low"] + sums["clip_high"]) / tokens,
@@ -208,3 +212,14 @@ def finalize_metrics(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "num_segments": segments,
         "mean_segment_len": sums["tokens"] / per_seg,
     }
+    return {name: metrics[name] for name in METRIC_NAMES}
+
+
+def make_output(
+    cfg: LossConfig, batch: FlatBatch, loss: torch.Tensor, logp: torch.Tensor, entropy: torch.Tensor, metrics
+) -> SSPOOutput:
+    """The entry points' return value: per-token tensors shaped like the tokens, metrics by name."""
+    shape = batch.token_shape
+    if cfg.loss_agg_mode == "none":
+        loss = loss.reshape(shape)
+    return SSPOOutput(loss, logp.reshape(shape), entropy.reshape(shape), dict(zip(METRIC_NAMES, metrics)))

@@ -1,25 +1,18 @@
-"""Segments: ids from tokens on the device, and deterministic segmented sums.
+"""Segment ids from tokens on the device, and the spans of the segments.
 
-Segments are contiguous runs of masked-in tokens (SPEC "Segments"), numbered 0, 1, ... in token
+Segments are contiguous runs of masked-in tokens (docs/loss.md "Segments"), numbered 0, 1, ... in token
 order, so every per-segment array is sized by N (the most segments there can be) and nothing is
 read back to the host. Masked-out tokens carry id -1 and never break a segment.
 
-The segmented sum has two implementations of one contract: a Triton kernel
-(`segment_kernels.py`) with one program per segment that adds its tokens in a fixed order
-(bitwise deterministic, no atomics), used by the Triton backend; and `index_add_` for the
-portable backend (deterministic on the CPU; it uses atomics on a GPU).
+The segmented sum over these ids has one implementation per backend, side by side in this
+folder: `triton.py` (one program per segment, fixed order) and `torch.py` (`index_add_`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from sspo_kernels._utils import new_empty
-
-# 128 tokens a step over 4 warps: one token per thread, so the [BLOCK_T, BLOCK_K] accumulator is a
-# few registers per thread; a segment of n tokens takes ceil(n / 128) steps of one program.
-SEGMENT_BLOCK_T = 128
-SEGMENT_NUM_WARPS = 4
+from sspo_kernels._types import FlatBatch
 
 
 def segment_bounds(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,33 +24,6 @@ def segment_bounds(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     filled = seg.cummax(0).values  # non-decreasing: masked-out tokens take the previous segment's id
     slots = torch.arange(n, device=seg.device, dtype=seg.dtype)
     return torch.searchsorted(filled, slots), torch.searchsorted(filled, slots, right=True)
-
-
-def segment_sum(values: torch.Tensor, seg: torch.Tensor, *, use_triton: bool) -> torch.Tensor:
-    """Per-segment sums of the rows of `values`.
-
-    values (N, K) fp32, seg (N,) int64 with ids 0..S-1 in token order and -1 where masked out.
-    Returns (N, K) fp32: row s holds segment s's sum for s < S, zeros after.
-    """
-    n, k = values.shape
-    if not use_triton:
-        out = torch.zeros(n + 1, k, dtype=values.dtype, device=values.device)
-        out.index_add_(0, torch.where(seg >= 0, seg, n), values)  # row n collects masked-out rows
-        return out[:n]
-    import triton  # only the Triton backend needs it, so the portable path works without it
-
-    from sspo_kernels.ops.segment_kernels import segment_sum_kernel
-
-    out = new_empty((n, k), torch.float32, values.device)
-    if n == 0:
-        return out
-    values = values.contiguous()
-    start, end = segment_bounds(seg)
-    segment_sum_kernel[(n,)](
-        values, seg, start, end, out, k, values.stride(0),
-        BLOCK_T=SEGMENT_BLOCK_T, BLOCK_K=triton.next_power_of_2(k), num_warps=SEGMENT_NUM_WARPS,
-    )  # fmt: skip
-    return out
 
 
 def compute_segment_ids(
@@ -95,3 +61,10 @@ def compute_segment_ids(
     else:
         raise ValueError(f"unknown granularity {granularity!r}")
     return torch.where(mask, opens.long().cumsum(0) - 1, -1)
+
+
+def batch_segment_ids(batch: FlatBatch, granularity: str) -> torch.Tensor:
+    """`compute_segment_ids` of a validated batch: (N,) int64, -1 where masked out."""
+    return compute_segment_ids(
+        batch.tokens, batch.mask, batch.response_ids, granularity, boundary=batch.boundary, given_ids=batch.segment_ids
+    )

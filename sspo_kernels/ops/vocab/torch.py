@@ -1,4 +1,4 @@
-"""The vocabulary pass in plain PyTorch, a chunk of rows at a time (SPEC "Token quantities").
+"""The vocabulary pass in plain PyTorch, a chunk of rows at a time (docs/loss.md "Token quantities").
 
 Same launcher interface as the Triton version in `logprob_entropy.py`; this is what CPU users get,
 and the fallback on a GPU without Triton. Per token t, with z = logits / tau in fp32:
@@ -9,7 +9,7 @@ and the backward returns dLoss/dlogits for upstream g_t = dLoss/dl_t, e_t = dLos
 
     (1/tau) * ( g_t * (onehot(y_t) - p) - e_t * p * (log p + H_t) )
 
-Rows are processed `chunk_size` at a time (`default_chunk_size`: a few MB of fp32 per chunk) in two
+Rows are processed `chunk_size` at a time (`vocab_chunk_rows`: a few MB of fp32 per chunk) in two
 fp32 workspaces allocated once per call, so nothing (N, V)-sized in fp32 ever exists. The only
 (N, V) allocation is the gradient itself, made once and filled chunk by chunk (or none:
 `inplace=True` writes into the logits buffer). Every pass over a chunk then runs from cache.
@@ -53,7 +53,7 @@ _CHUNK_BYTES = 8 * 2**20
 _FP32_TEMPS = 2
 
 
-def default_chunk_size(vocab_size: int, dtype: torch.dtype) -> int:
+def vocab_chunk_rows(vocab_size: int, dtype: torch.dtype) -> int:
     """Rows per chunk so that one chunk's working set (fp32 temporaries + its logits and gradient
     rows in `dtype`) is about `_CHUNK_BYTES`, small enough to stay in cache; at least 1 row."""
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -97,7 +97,7 @@ def _workspace(count: int, rows: int, vocab: int, device: torch.device) -> list[
 
 def _check(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, chunk_size: int | None):
     """Flat (targets, bool mask); targets point at column 0 where masked out. Shapes only: the
-    caller (`sspo_kernels._checks`) has validated token ranges, dtypes and devices."""
+    caller (`sspo_kernels._validate`) has validated token ranges, dtypes and devices."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if logits.dim() not in (2, 3):
@@ -251,14 +251,14 @@ def logprob_entropy_fwd(
 
     logits (N, V) or (B, T, V) with any strides, bf16 / fp16 / fp32 / fp64; tokens (N,) int, any
     value where masked out; mask (N,) bool. Returns logp, entropy, lse: (N,) float32, exactly 0 at
-    masked-out rows. `chunk_size` rows at a time (default `default_chunk_size`). `use_compile`
+    masked-out rows. `chunk_size` rows at a time (default `vocab_chunk_rows`). `use_compile`
     runs each chunk through `torch.compile` (off by default: see the module docstring).
     """
     y, mask = _check(logits, tokens, mask, chunk_size)
     n, vocab = y.shape[0], logits.shape[-1]
     device = logits.device
     outs = [new_empty((n,), torch.float32, device) for _ in range(3)]  # lse, entropy, logp
-    chunk = chunk_size or default_chunk_size(vocab, logits.dtype)
+    chunk = chunk_size or vocab_chunk_rows(vocab, logits.dtype)
     zero = torch.zeros((), dtype=torch.float32, device=device)
     tau = float(temperature)
     work = None if use_compile else _workspace(2, min(chunk, n), vocab, device)
@@ -307,7 +307,7 @@ def logprob_entropy_bwd(
     rows = [torch.where(mask, t.reshape(-1).float(), 0.0) for t in (lse, entropy, grad_logp, grad_entropy)]
     grad = logits if inplace else new_empty(logits.shape, logits.dtype, logits.device)
     grad_rows = None if inplace else grad.view(n, vocab)  # a fresh buffer is contiguous
-    chunk = chunk_size or default_chunk_size(vocab, logits.dtype)
+    chunk = chunk_size or vocab_chunk_rows(vocab, logits.dtype)
     work = None if use_compile else _workspace(2, min(chunk, n), vocab, logits.device)
     for r0, r1, x in _chunks(_row_pieces(logits), chunk):
         out = x if inplace else grad_rows[r0:r1]

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sspo_kernels._config import VocabBlockConfig, vocab_block_config
 from sspo_kernels._utils import new_empty
+from sspo_kernels.ops.vocab.blocks import VocabBlockConfig, vocab_block_config
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # start value of the running max: below every finite logit, yet x - m never becomes inf - inf
@@ -170,7 +170,7 @@ def _check_logits(logits: torch.Tensor) -> None:
     if logits.dim() not in (2, 3):
         raise ValueError(f"logits must be (N, V) or (B, T, V), got shape {tuple(logits.shape)}")
     if logits.dtype not in _LOGIT_DTYPES:
-        raise ValueError(f"logits must be bf16, fp16, fp32 or fp64, got {logits.dtype}")
+        raise TypeError(f"logits must be bf16, fp16, fp32 or fp64, got {logits.dtype}")
     if logits.shape[-1] < 1:
         raise ValueError("logits has an empty vocabulary dimension")
 
@@ -194,7 +194,7 @@ def _per_row(name: str, x: torch.Tensor, n: int, device: torch.device, dtype: to
     if dtype == torch.bool and x.dtype != torch.bool:
         x = x != 0
     elif dtype == torch.int64 and x.dtype.is_floating_point:
-        raise ValueError(f"{name} must be an integer tensor, got {x.dtype}")
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
     return x.reshape(n).to(dtype).contiguous()
 
 

@@ -1,0 +1,205 @@
+"""The loss's keyword options, defined once.
+
+Each entry point takes its per-token tensors positionally and every option as a keyword. The options
+are listed here, in the order the signatures show them; `OptionSet.signature` gives a function the
+explicit signature that `help()` and IDEs show, and `OptionSet.parse` checks and fills a call's
+keywords. `make_config` validates the scalar ones (the fields of `LossConfig`) and fills the
+per-granularity defaults.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+from sspo_kernels._types import LossConfig
+
+GRANULARITIES = ("subsentence", "sentence", "sequence", "token", "segments")
+AGG_MODES = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+    "sum",
+    "none",
+)
+RATIO_GRADS = ("exact", "token")
+BACKENDS = ("auto", "triton", "torch")
+
+
+class Option(NamedTuple):
+    name: str
+    default: Any
+    annotation: str
+
+
+_TENSOR = "torch.Tensor | None"
+# The options of the loss itself, common to every entry point: the LossConfig fields and the per-call
+# side inputs (tensors, normalisers), interleaved in the order the README documents them.
+LOSS_OPTIONS = (
+    Option("granularity", "subsentence", "str"),
+    Option("boundary", None, _TENSOR),
+    Option("segment_ids", None, _TENSOR),
+    Option("cu_seqlens", None, _TENSOR),
+    Option("eps_low", None, "float | None"),
+    Option("eps_high", None, "float | None"),
+    Option("entropy_gamma", None, "float | None"),
+    Option("k_min", None, "float | None"),
+    Option("k_max", None, "float | None"),
+    Option("entropy_ref", "batch", "str | float"),
+    Option("adapt_low", True, "bool"),
+    Option("adapt_high", True, "bool"),
+    Option("dual_clip", None, "float | None"),
+    Option("beta", 0.0, "float"),
+    Option("ref_logprobs", None, _TENSOR),
+    Option("entropy_coef", 0.0, "float"),
+    Option("temperature", 1.0, "float"),
+    Option("loss_agg_mode", "token-mean", "str"),
+    Option("normalizer", None, "float | torch.Tensor | None"),
+    Option("norm_len", None, "int | float | None"),
+    Option("log_ratio_clamp", 20.0, "float"),
+    Option("ratio_grad", "exact", "str"),
+)
+# Options of one entry point's implementation.
+LOGITS_OPTIONS = (
+    Option("inplace_backward", False, "bool"),
+    Option("backend", "auto", "str"),
+    Option("chunk_size", None, "int | None"),
+    Option("compile_chunks", False, "bool"),
+)
+HIDDEN_OPTIONS = (
+    Option("backend", "auto", "str"),
+    Option("chunk_size", None, "int | None"),
+    Option("single_pass", None, "bool | None"),
+)
+LOGPROBS_OPTIONS = (Option("backend", "auto", "str"),)
+
+CONFIG_FIELDS = tuple(LossConfig.__dataclass_fields__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class OptionSet:
+    """The keyword options of one entry point."""
+
+    def __init__(self, *groups: tuple[Option, ...]):
+        self.options = tuple(o for group in groups for o in group)
+        self.defaults = {o.name: o.default for o in self.options}
+
+    def signature(self, fn: F) -> F:
+        """Give `fn(*tensors, **options)` the signature with every option spelled out (keyword-only)."""
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default, annotation=o.annotation)
+                   for o in self.options]  # fmt: skip
+        fn.__signature__ = sig.replace(parameters=params)
+        return fn
+
+    def parse(self, where: str, given: dict[str, Any]) -> dict[str, Any]:
+        """The call's keywords with the defaults filled in; an unknown keyword is a TypeError, as Python's."""
+        for name in given:
+            if name not in self.defaults:
+                raise TypeError(f"{where}() got an unexpected keyword argument {name!r}")
+        return {**self.defaults, **given}
+
+
+# ---------------------------------------------------------------- validation of the scalar options
+
+# Clip widths and entropy adaptation per granularity. These are the project's choices, not the
+# SSPO paper's (its constants are not available to us); README "Defaults" gives the reasons.
+#   token:    DAPO's clip-higher widths (0.2 / 0.28), no entropy adaptation (plain GRPO/DAPO).
+#   sequence: GSPO's widths for length-normalised response ratios (3e-4 / 4e-4), no adaptation.
+#   subsentence, sentence, segments: the geometric midpoint of the two (sqrt(0.2 * 3e-4) ~ 8e-3,
+#   sqrt(0.28 * 4e-4) ~ 1.1e-2), with a gentle entropy adaptation: k = (Hbar / H_ref) ** 0.5,
+#   bounded to [0.5, 2] so a segment's clip range at most halves or doubles.
+_DEFAULTS = {
+    "token": dict(eps_low=0.2, eps_high=0.28, entropy_gamma=0.0, k_min=0.5, k_max=2.0),
+    "sequence": dict(eps_low=3e-4, eps_high=4e-4, entropy_gamma=0.0, k_min=0.5, k_max=2.0),
+    "subsentence": dict(eps_low=8e-3, eps_high=1.1e-2, entropy_gamma=0.5, k_min=0.5, k_max=2.0),
+}
+_DEFAULTS["sentence"] = _DEFAULTS["subsentence"]
+_DEFAULTS["segments"] = _DEFAULTS["subsentence"]
+
+
+def finite_number(name: str, value: object, *, positive: bool = False, nonneg: bool = False) -> float:
+    """`value` as a float; TypeError unless a real number, ValueError unless finite (and > 0 / >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonneg and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """`value` if it is one of `choices`, else a ValueError listing them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def make_config(granularity: str = "subsentence", **options: Any) -> LossConfig:
+    """Validate the scalar options (any subset of the LossConfig fields; the rest take their
+    defaults) and fill the per-granularity defaults."""
+    unknown = set(options) - set(CONFIG_FIELDS)
+    if unknown:
+        raise TypeError(f"make_config() got unexpected options: {', '.join(sorted(unknown))}")
+    o = {**{k: LOSS_DEFAULTS[k] for k in CONFIG_FIELDS}, **options}
+    granularity = choice("granularity", granularity, GRANULARITIES)
+    d = _DEFAULTS[granularity]
+    filled = {k: d[k] if o[k] is None else o[k] for k in d}
+    eps_low = finite_number("eps_low", filled["eps_low"], nonneg=True)
+    eps_high = finite_number("eps_high", filled["eps_high"], nonneg=True)
+    gamma = finite_number("entropy_gamma", filled["entropy_gamma"])
+    k_min = finite_number("k_min", filled["k_min"], nonneg=True)
+    k_max = finite_number("k_max", filled["k_max"], nonneg=True)
+    if k_min > k_max:
+        raise ValueError(f"k_min ({k_min}) must be <= k_max ({k_max})")
+    entropy_ref = o["entropy_ref"]
+    if isinstance(entropy_ref, str):
+        choice("entropy_ref", entropy_ref, ("batch",))
+    else:
+        entropy_ref = finite_number("entropy_ref", entropy_ref, nonneg=True)
+    dual_clip = o["dual_clip"]
+    if dual_clip is not None:
+        dual_clip = finite_number("dual_clip", dual_clip)
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1 (verl's clip_ratio_c), got {dual_clip}")
+    return LossConfig(
+        granularity=granularity,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        entropy_gamma=gamma,
+        k_min=k_min,
+        k_max=k_max,
+        entropy_ref=entropy_ref,
+        adapt_low=flag("adapt_low", o["adapt_low"]),
+        adapt_high=flag("adapt_high", o["adapt_high"]),
+        dual_clip=dual_clip,
+        beta=finite_number("beta", o["beta"], nonneg=True),
+        entropy_coef=finite_number("entropy_coef", o["entropy_coef"], nonneg=True),
+        temperature=finite_number("temperature", o["temperature"], positive=True),
+        loss_agg_mode=choice("loss_agg_mode", o["loss_agg_mode"], AGG_MODES),
+        log_ratio_clamp=finite_number("log_ratio_clamp", o["log_ratio_clamp"], positive=True),
+        ratio_grad=choice("ratio_grad", o["ratio_grad"], RATIO_GRADS),
+    )
+
+
+LOSS_DEFAULTS = {o.name: o.default for o in LOSS_OPTIONS}
+
+
+def config_of(options: dict[str, Any]) -> LossConfig:
+    """`make_config` from a parsed option dict (which holds every LossConfig field by name)."""
+    return make_config(**{name: options[name] for name in CONFIG_FIELDS})

@@ -1,0 +1,96 @@
+"""The package's core types: the resolved options, the flattened inputs, what every path returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+# The metrics every path returns, in this order (docs/loss.md "Outputs").
+METRIC_NAMES = (
+    "clip_frac_low",
+    "clip_frac_high",
+    "clip_frac",
+    "ratio_mean",
+    "ratio_min",
+    "ratio_max",
+    "entropy_mean",
+    "approx_kl",
+    "num_segments",
+    "mean_segment_len",
+)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Every scalar option of the loss, validated, with the per-granularity defaults filled in
+    (`sspo_kernels._options.make_config` builds it; docs/loss.md defines each)."""
+
+    granularity: str
+    eps_low: float
+    eps_high: float
+    entropy_gamma: float
+    k_min: float
+    k_max: float
+    entropy_ref: str | float
+    adapt_low: bool
+    adapt_high: bool
+    dual_clip: float | None
+    beta: float
+    entropy_coef: float
+    temperature: float
+    loss_agg_mode: str
+    log_ratio_clamp: float
+    ratio_grad: str
+
+
+class SSPOOutput(NamedTuple):
+    """What every path returns (docs/loss.md "Outputs")."""
+
+    loss: torch.Tensor  # 0-d, or per token (shaped like tokens) for loss_agg_mode="none"
+    logprobs: torch.Tensor  # per-token l_t, detached, zero where masked out
+    entropy: torch.Tensor  # per-token H_t, detached, zero where masked out
+    metrics: dict[str, torch.Tensor]  # detached device tensors, never Python floats
+
+
+class VocabStats(NamedTuple):
+    """What a vocabulary pass's forward returns and its backward takes back: (N,) fp32 each, 0 where
+    masked out."""
+
+    logp: torch.Tensor  # l_t = log p_t[y_t]
+    entropy: torch.Tensor  # H_t
+    lse: torch.Tensor  # logsumexp of z_t / tau
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shape, vocabulary and device of a call's per-token inputs, read from the tensor that carries the
+    vocabulary (logits, or hidden states with the output weight, or per-token log-probs)."""
+
+    token_shape: tuple[int, ...]  # (B, T) padded, (N,) flat or packed
+    vocab_size: int | None  # None when no tensor has the vocabulary (log-probs given directly)
+    device: torch.device
+
+
+@dataclass
+class FlatBatch:
+    """The per-token inputs flattened to `(N,)`, on the layout's device, in the dtypes given."""
+
+    tokens: torch.Tensor  # (N,) int64, -100 allowed where masked out
+    mask: torch.Tensor  # (N,) bool
+    old_logprobs: torch.Tensor | None  # (N,) floating; None: on-policy (the rollout policy is the current one)
+    advantages: torch.Tensor  # (N,) floating, broadcast from per-response values when needed
+    ref_logprobs: torch.Tensor | None  # (N,) floating
+    response_ids: torch.Tensor  # (N,) int64 response index of each token
+    segment_ids: torch.Tensor | None  # (N,) int64, caller-given ids for granularity "segments"
+    boundary: torch.Tensor | None  # (V,) bool
+    num_responses: int
+    seq_len: int | None  # T of a padded batch (the default norm_len), None for a packed one
+    token_shape: tuple[int, ...]  # shape of the per-token outputs: (B, T) or (N,)
+    normalizer: torch.Tensor | None  # 0-d float32 caller-given normaliser, or None
+    norm_len: float | None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
