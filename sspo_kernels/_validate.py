@@ -141,12 +141,33 @@ def logprobs_layout(logprobs: object, entropy: object) -> Layout:
     return Layout(tuple(logprobs.shape), None, logprobs.device)
 
 
+def _advantages(
+    advantages: object, token_shape: torch.Size, num_responses: int, response_ids: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """(N,) advantages from per-token or per-response values."""
+    adv = _tensor("advantages", advantages)
+    _same_device("advantages", adv, device)
+    if not adv.is_floating_point():
+        raise TypeError(f"advantages must be a floating-point tensor, got {adv.dtype}")
+    n = math.prod(token_shape)
+    # Shaped like tokens means per token, also in the ambiguous case of a packed batch with N == B.
+    if adv.shape == token_shape:
+        return adv.reshape(-1)
+    elif adv.shape == (num_responses,):
+        return adv[response_ids.clamp(max=max(num_responses - 1, 0))] if n else adv[:0]
+    else:
+        raise ValueError(
+            f"advantages must be per response {(num_responses,)} or per token {tuple(token_shape)}, "
+            f"got {tuple(adv.shape)}"
+        )
+
+
 def prepare_inputs(
     cfg: LossConfig,
     layout: Layout,
     tokens: torch.Tensor,
     old_logprobs: torch.Tensor | None,
-    advantages: torch.Tensor,
+    advantages: torch.Tensor | None,
     mask: torch.Tensor,
     *,
     boundary: torch.Tensor | None = None,
@@ -158,9 +179,9 @@ def prepare_inputs(
 ) -> FlatBatch:
     """Check every tensor argument against the layout and flatten the per-token ones to `(N,)`.
 
-    `old_logprobs=None` means on-policy: the rollout policy is the current one."""
+    `old_logprobs=None` means on-policy: the rollout policy is the current one; `advantages=None` is
+    for callers that only label segments (`sspo_kernels.segment_ids`)."""
     device, token_shape = layout.device, torch.Size(layout.token_shape)
-    n = math.prod(token_shape)
     vocab = layout.vocab_size
 
     tokens_f = _token_tensor("tokens", tokens, token_shape, device, "int").long()
@@ -177,20 +198,7 @@ def prepare_inputs(
 
     num_responses, seq_len, response_ids = response_layout(token_shape, cu_seqlens, device)
 
-    adv = _tensor("advantages", advantages)
-    _same_device("advantages", adv, device)
-    if not adv.is_floating_point():
-        raise TypeError(f"advantages must be a floating-point tensor, got {adv.dtype}")
-    # Shaped like tokens means per token, also in the ambiguous case of a packed batch with N == B.
-    if adv.shape == token_shape:
-        adv_f = adv.reshape(-1)
-    elif adv.shape == (num_responses,):
-        adv_f = adv[response_ids.clamp(max=max(num_responses - 1, 0))] if n else adv[:0]
-    else:
-        raise ValueError(
-            f"advantages must be per response {(num_responses,)} or per token {tuple(token_shape)}, "
-            f"got {tuple(adv.shape)}"
-        )
+    adv_f = None if advantages is None else _advantages(advantages, token_shape, num_responses, response_ids, device)
 
     ref_f = None
     if cfg.beta > 0 and ref_logprobs is None:

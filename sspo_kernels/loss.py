@@ -23,11 +23,11 @@ from sspo_kernels._options import (
     flag,
     make_config,
 )
-from sspo_kernels._types import METRIC_NAMES, FlatBatch, LossConfig, SSPOOutput, VocabStats
-from sspo_kernels._validate import logits_layout, prepare_inputs, response_layout
+from sspo_kernels._types import METRIC_NAMES, FlatBatch, Layout, LossConfig, SSPOOutput, VocabStats
+from sspo_kernels._validate import logits_layout, prepare_inputs
 from sspo_kernels.backend import Backend, get_backend
 from sspo_kernels.ops.objective import finalize_metrics, make_output, objective_bwd, objective_fwd
-from sspo_kernels.ops.segment.ids import batch_segment_ids, compute_segment_ids
+from sspo_kernels.ops.segment.ids import batch_segment_ids
 
 # The per-call tensors every entry point passes to `prepare_inputs` by name.
 INPUT_NAMES = ("boundary", "segment_ids", "cu_seqlens", "ref_logprobs", "normalizer", "norm_len")
@@ -155,23 +155,16 @@ def segment_ids(
     device with vectorised ops and no host sync (what `sspo_loss` uses internally).
     """
     cfg = make_config(granularity)
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() not in (1, 2) or tokens.is_floating_point():
-        raise ValueError("tokens must be a (B, T) or (N,) integer tensor")
-    if not isinstance(mask, torch.Tensor) or mask.shape != tokens.shape:
-        raise ValueError(f"mask must be a tensor shaped like tokens {tuple(tokens.shape)}")
-    if cfg.granularity in ("subsentence", "sentence"):
-        if not isinstance(boundary, torch.Tensor) or boundary.dim() != 1 or boundary.dtype != torch.bool:
-            raise ValueError(f"granularity={granularity!r} needs boundary, a (V,) bool table from boundary_table()")
-        boundary = boundary.to(tokens.device)
-    if cfg.granularity == "segments":
-        if not isinstance(segment_ids, torch.Tensor) or segment_ids.shape != tokens.shape:
-            raise ValueError('granularity="segments" needs segment_ids shaped like tokens')
-        segment_ids = segment_ids.reshape(-1)
-    _, _, response_ids = response_layout(tokens.shape, cu_seqlens, tokens.device)
-    seg = compute_segment_ids(
-        tokens.reshape(-1).long(), mask.reshape(-1) != 0, response_ids, cfg.granularity,
-        boundary=boundary, given_ids=segment_ids,
-    )  # fmt: skip
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+    if tokens.dim() not in (1, 2):
+        raise ValueError(f"tokens must be (B, T) or (N,), got shape {tuple(tokens.shape)}")
+    vocab = boundary.shape[0] if isinstance(boundary, torch.Tensor) and boundary.dim() == 1 else None
+    layout = Layout(tuple(tokens.shape), vocab, tokens.device)
+    batch = prepare_inputs(
+        cfg, layout, tokens, None, None, mask, boundary=boundary, segment_ids=segment_ids, cu_seqlens=cu_seqlens
+    )
+    seg = batch_segment_ids(batch, cfg.granularity)
     return seg.to(torch.int32).reshape(tokens.shape)
 
 
