@@ -2,7 +2,7 @@
 
 Plain eager PyTorch in fp32 over the whole `(N, V)` logits at once: upcast, full `log_softmax`,
 `gather` of the sampled token, the entropy from the same log-probabilities, then the segment
-ratios with `index_add`. Same maths as SPEC.md with the default options (subsentence, sequence or
+ratios with `index_add`. Same maths as docs/loss.md with the default options (subsentence, sequence or
 token segments; entropy-adaptive bounds against the batch-mean entropy; token-mean aggregation),
 so every fast path is compared with what a user would otherwise run. It is deliberately not tuned:
 what it allocates is the point of the comparison. Two choices keep it from looking worse than it
@@ -49,7 +49,7 @@ def baseline_sspo_loss(
     boundary: torch.Tensor | None = None,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """(loss, logprobs, entropy, metrics) of SPEC.md's default options, in eager fp32.
+    """(loss, logprobs, entropy, metrics) of docs/loss.md's default options, in eager fp32.
 
     logits (B, T, V) or (N, V) (then one response); tokens, old_logprobs, mask shaped like logits
     without V; advantages per response (B,) or per token. granularity: "subsentence" / "sentence"

@@ -17,14 +17,7 @@ from typing import Any, NamedTuple, TypeVar
 from sspo_kernels._types import LossConfig
 
 GRANULARITIES = ("subsentence", "sentence", "sequence", "token", "segments")
-AGG_MODES = (
-    "token-mean",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-    "sum",
-    "none",
-)
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "sum", "none")
 RATIO_GRADS = ("exact", "token")
 BACKENDS = ("auto", "triton", "torch")
 

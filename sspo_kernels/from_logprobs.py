@@ -90,19 +90,5 @@ def sspo_loss_from_logprobs(
 class SSPOLossFromLogprobs(LossModule):
     """`sspo_loss_from_logprobs` with its options held by the module (per-call tensors go to `forward`)."""
 
+    LOSS = sspo_loss_from_logprobs
     OPTIONS = SSPO_LOSS_FROM_LOGPROBS_OPTIONS
-
-    def forward(
-        self,
-        logprobs: torch.Tensor,
-        entropy: torch.Tensor | None,
-        tokens: torch.Tensor,
-        old_logprobs: torch.Tensor | None,
-        advantages: torch.Tensor,
-        mask: torch.Tensor,
-        **per_call,
-    ) -> SSPOOutput:
-        return sspo_loss_from_logprobs(
-            logprobs, entropy, tokens, old_logprobs, advantages, mask,
-            granularity=self.granularity, boundary=self.boundary, **self.options, **per_call,
-        )  # fmt: skip

@@ -399,20 +399,5 @@ class SSPOLossFromHidden(LossModule):
     normalisers go to `forward`, every other option to the constructor.
     """
 
+    LOSS = sspo_loss_from_hidden
     OPTIONS = SSPO_LOSS_FROM_HIDDEN_OPTIONS
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        tokens: torch.Tensor,
-        old_logprobs: torch.Tensor,
-        advantages: torch.Tensor,
-        mask: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        **per_call,
-    ) -> SSPOOutput:
-        return sspo_loss_from_hidden(
-            hidden, weight, tokens, old_logprobs, advantages, mask, bias=bias,
-            granularity=self.granularity, boundary=self.boundary, **self.options, **per_call,
-        )  # fmt: skip

@@ -10,6 +10,7 @@ Three steps, each O(1) passes over the `(N, V)` logits and nothing `(N, V)`-size
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -96,9 +97,14 @@ def sspo_loss(
 
 class LossModule(torch.nn.Module):
     """Base of the module forms: holds and validates the construction-time options of an entry point
-    (every option but the per-call tensors and normalisers, which go to `forward`)."""
+    (every option but the per-call tensors and normalisers, which go to `forward`).
 
-    OPTIONS: OptionSet = SSPO_LOSS_OPTIONS
+    `forward(*tensors, **per_call)` calls `LOSS(*tensors, **options, **per_call)`: the tensors are
+    the entry point's positional ones, per-call keywords are the tensors and normalisers of one batch.
+    """
+
+    LOSS: Callable[..., SSPOOutput]
+    OPTIONS: OptionSet
     PER_CALL = frozenset(INPUT_NAMES) - {"boundary"}
 
     def __init__(self, granularity: str = "subsentence", *, boundary: torch.Tensor | None = None, **options):
@@ -111,6 +117,10 @@ class LossModule(torch.nn.Module):
         self.granularity = granularity
         self.options = options
         self.register_buffer("boundary", boundary, persistent=False)
+
+    def forward(self, *tensors: torch.Tensor | None, **per_call: Any) -> SSPOOutput:
+        loss = type(self).LOSS
+        return loss(*tensors, granularity=self.granularity, boundary=self.boundary, **self.options, **per_call)
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -125,19 +135,8 @@ class SSPOLoss(LossModule):
     normalisers go to `forward`, every other option to the constructor.
     """
 
-    def forward(
-        self,
-        logits: torch.Tensor,
-        tokens: torch.Tensor,
-        old_logprobs: torch.Tensor | None,
-        advantages: torch.Tensor,
-        mask: torch.Tensor,
-        **per_call,
-    ) -> SSPOOutput:
-        return sspo_loss(
-            logits, tokens, old_logprobs, advantages, mask,
-            granularity=self.granularity, boundary=self.boundary, **self.options, **per_call,
-        )  # fmt: skip
+    LOSS = sspo_loss
+    OPTIONS = SSPO_LOSS_OPTIONS
 
 
 def segment_ids(

@@ -43,7 +43,7 @@ def assert_close(
 
 
 def assert_rel_norm(name: str, actual: torch.Tensor, expected: torch.Tensor, *, tol: float) -> None:
-    """Assert ||actual - expected|| / ||expected|| <= tol (the SPEC's gradient criterion).
+    """Assert ||actual - expected|| / ||expected|| <= tol (the contract's gradient criterion).
 
     When the expected tensor is all zero, the actual one must be all zero too.
     """

@@ -3,7 +3,7 @@
 `make_batch` builds a padded `(B, T, V)` batch whose responses have given lengths (positions past a
 response's length are padding: masked out, token -100); `pack` drops that padding and returns the
 same data as a packed `(total, V)` batch with `cu_seqlens`. `segment_labels` numbers the segments
-of SPEC.md "Segments" with vectorised torch, independently of the reference's token walk.
+of docs/loss.md "Segments" with vectorised torch, independently of the reference's token walk.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Shared helpers of the tests of the float64 reference (`reference.sspo_loss`) against SPEC.md.
+"""Shared helpers of the tests of the float64 reference (`reference.sspo_loss`) against docs/loss.md.
 
 Every expected value in those tests is written independently of the reference's Python loops: the textbook
 PPO-clip (GRPO/DAPO) and verl-style GSPO formulas on whole tensors, per-mode aggregation formulas,
-and `spec_terms`, a vectorised restatement of the SPEC (segments from `_cases.segment_labels`,
+and `spec_terms`, a vectorised restatement of the docs/loss.md (segments from `_cases.segment_labels`,
 segment sums by `index_add`) used for the metrics, the adaptive bounds and the random sweeps.
 
 The tests are split by theme: test_reference_equivalences.py, test_reference_gradcheck.py,
@@ -19,22 +19,10 @@ from _assert import assert_close, assert_rel_norm
 from _cases import Batch, segment_labels
 
 from reference import sspo_loss
+from sspo_kernels import METRIC_NAMES as METRICS
 
 F64 = torch.float64
 EXACT = 1e-12  # two float64 computations of the same formula agree to rounding
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "sum", "none")
-METRICS = (
-    "clip_frac_low",
-    "clip_frac_high",
-    "clip_frac",
-    "ratio_mean",
-    "ratio_min",
-    "ratio_max",
-    "entropy_mean",
-    "approx_kl",
-    "num_segments",
-    "mean_segment_len",
-)
 ADAPTIVE = dict(eps_low=0.05, eps_high=0.08, entropy_gamma=0.5, k_min=0.5, k_max=2.0)
 BASE = dict(eps_low=0.1, eps_high=0.15, entropy_gamma=0.0)
 
@@ -63,15 +51,15 @@ def ppo_clip(adv, ratio, eps_low, eps_high):
 
 
 # --------------------------------------------------------------------------------------------------
-# A vectorised restatement of SPEC.md
+# A vectorised restatement of docs/loss.md
 # --------------------------------------------------------------------------------------------------
 
 
 def spec_terms(batch: Batch, logits: torch.Tensor, opts: dict) -> SimpleNamespace:
-    """Loss, per-token terms, segment terms and metrics of SPEC.md, computed on whole tensors.
+    """Loss, per-token terms, segment terms and metrics of docs/loss.md, computed on whole tensors.
 
     `opts` holds sspo_loss keywords; eps_low, eps_high and entropy_gamma must be given (the
-    per-granularity defaults are the reference's business, not the SPEC's).
+    per-granularity defaults are the reference's business, not the contract's).
     """
     o = {
         "k_min": 0.5, "k_max": 2.0, "entropy_ref": "batch", "adapt_low": True, "adapt_high": True,

@@ -1,4 +1,4 @@
-"""The benchmark's own checks: its baseline computes SPEC.md's loss, and the runner works end to end.
+"""The benchmark's own checks: its baseline computes docs/loss.md's loss, and the runner works end to end.
 
 The runner test is a smoke test on tiny shapes (`python -m bench.run --quick`, a few seconds): it
 checks that every output file is written and every row is complete, never how fast anything is.

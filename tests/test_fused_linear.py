@@ -36,10 +36,10 @@ MANY = {"token": 4, "padded": 12, "packed": 7}
 ONE = 1000  # every case in one chunk
 UPSTREAM = 1.7  # d(objective)/d(loss): checks that the single-pass gradients get scaled in backward
 
-# SPEC tolerances for fp32: max abs error 1e-5 on values, relative norm 1e-5 on gradients.
+# Tolerances of docs/loss.md for fp32: max abs error 1e-5 on values, relative norm 1e-5 on gradients.
 FP32_ATOL = 1e-5
 FP32_GRAD = 1e-5
-# bf16: the reference sees the same bf16 logits, so values only carry fp32 arithmetic error (SPEC:
+# bf16: the reference sees the same bf16 logits, so values only carry fp32 arithmetic error (docs/loss.md:
 # 1e-4 relative). Gradients are rounded to bf16 twice: dlogits (the backward launcher returns the
 # logits' dtype) and then the matmul output (grad_hidden; grad_weight and grad_bias are summed in
 # fp32 and rounded once at the end). Each rounding is at most 2^-9 relative per element, so the
@@ -339,8 +339,11 @@ def test_single_pass_refuses_a_second_backward():
         (lambda c: {"weight": c["weight"][:, :-1]}, ValueError, "weight must be"),
         (lambda c: {"bias": c["bias"][:-1]}, ValueError, "bias must be"),
         (lambda c: {"weight": c["weight"].double()}, TypeError, "weight has dtype"),
-        (lambda c: {"hidden": c["hidden"].reshape(-1, HIDDEN), "cu_seqlens": torch.tensor([0, 36])}, ValueError,
-         "tokens"),
+        (
+            lambda c: {"hidden": c["hidden"].reshape(-1, HIDDEN), "cu_seqlens": torch.tensor([0, 36])},
+            ValueError,
+            "tokens",
+        ),
         (lambda c: {"chunk_size": 0}, ValueError, "chunk_size"),
     ],
     ids=["weight-hidden-size", "bias-length", "weight-dtype", "hidden-tokens-shape", "chunk-size-zero"],

@@ -1,4 +1,4 @@
-"""The Triton log-prob / entropy kernels against the float64 reference (SPEC "Token quantities").
+"""The Triton log-prob / entropy kernels against the float64 reference (docs/loss.md "Token quantities").
 
 On the CPU the kernels run under the Triton interpreter (conftest), so shapes stay small; the heuristic
 picks a large BLOCK_V there, and the cases that pass an explicit `config` exercise the multi-block
@@ -20,10 +20,10 @@ from sspo_kernels.ops.vocab.triton import logprob_entropy_bwd, logprob_entropy_f
 IGNORE = -100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS32 = torch.finfo(torch.float32).eps
-# SPEC tolerances for l_t and H_t: max abs error 1e-5 (fp32 logits), relative 1e-4 (bf16 / fp16 logits)
+# Tolerances of docs/loss.md for l_t and H_t: max abs error 1e-5 (fp32 logits), relative 1e-4 (bf16 / fp16 logits)
 FWD_TOL = {torch.float32: dict(atol=1e-5), torch.bfloat16: dict(atol=1e-5, rtol=1e-4)}
 FWD_TOL[torch.float16] = FWD_TOL[torch.bfloat16]
-# SPEC: relative-norm error of an fp32 gradient
+# docs/loss.md "Tolerances": relative-norm error of an fp32 gradient
 GRAD_TOL_FP32 = 1e-5
 
 
@@ -288,7 +288,7 @@ def test_bwd_multi_block(dtype, config, with_logp):
 def test_bwd_large_magnitude(with_logp):
     """|z| ~ 1e3 with likely targets (the top logit or the runner-up, as sampled tokens are). From lse
     alone, p carries the rounding of the fp32 lse (~ulp(1e3) = 6e-5), so the gradient is good to a few
-    eps32 * max|z|; with the forward's logp, p is taken relative to the target and meets the SPEC's 1e-5."""
+    eps32 * max|z|; with the forward's logp, p is taken relative to the target and meets the contract's 1e-5."""
     logits, tokens, mask = make_case(7, 1000, torch.float32, seed=13, scale=1e3)
     top2 = logits.topk(2, dim=-1).indices
     tokens = torch.where(mask, top2[:, 0], tokens)

@@ -1,4 +1,4 @@
-"""The chunked PyTorch vocabulary pass against the float64 reference (SPEC "Token quantities").
+"""The chunked PyTorch vocabulary pass against the float64 reference (docs/loss.md "Token quantities").
 
 Masked-out rows carry token -100 and NaN logits in every case, so a row that leaks into an output
 shows up as a NaN. Output buffers are NaN-poisoned (conftest), so an element that a chunk forgets to
@@ -25,14 +25,14 @@ from sspo_kernels.ops.vocab.torch import (
 
 IGNORE = -100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# SPEC: l_t and H_t within 1e-5 absolute for fp32 logits, 1e-4 relative for bf16 / fp16 logits.
+# docs/loss.md "Tolerances": l_t and H_t within 1e-5 absolute for fp32 logits, 1e-4 relative for bf16 / fp16 logits.
 FWD_TOL = {
     torch.float32: dict(atol=1e-5),
     torch.bfloat16: dict(atol=1e-5, rtol=1e-4),
     torch.float16: dict(atol=1e-5, rtol=1e-4),
 }
 LSE_TOL = dict(atol=1e-5, rtol=torch.finfo(torch.float32).eps)  # lse itself is rounded to fp32
-GRAD_REL_FP32 = 1e-5  # SPEC: relative-norm error of an fp32 gradient
+GRAD_REL_FP32 = 1e-5  # docs/loss.md "Tolerances": relative-norm error of an fp32 gradient
 pytestmark = pytest.mark.usefixtures("one_thread")
 GRAD_ULPS = 2  # bf16 / fp16 gradients: distance to the correctly rounded float64 gradient
 

@@ -236,7 +236,7 @@ def test_nan_logits_propagate(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_magnitude_logits(backend):
     batch = make_batch(12, [9, 7], vocab=61, logit_scale=1e3, log_ratio_scale=0.01)
-    # sampled tokens are the likely ones: l_t near 0 keeps the SPEC's absolute tolerance meaningful in fp32
+    # sampled tokens are the likely ones: l_t near 0 keeps the contract's absolute tolerance meaningful in fp32
     # (an fp32 log-prob of -2000 has an ulp of 2.4e-4)
     top2 = batch.logits.detach().topk(2, dim=-1).indices
     batch.tokens = torch.where(batch.tokens >= 0, top2[..., 0], batch.tokens)

@@ -1,4 +1,4 @@
-"""The float64 reference against SPEC.md: the SPEC's equivalences (PPO-clip, verl GSPO, subsentence limits).
+"""The float64 reference against docs/loss.md: the contract's equivalences (PPO-clip, verl GSPO, subsentence limits).
 
 Helpers shared with the other test_reference_*.py files live in `_reference_helpers`.
 """
@@ -20,7 +20,7 @@ from _reference_helpers import (
 )
 
 # --------------------------------------------------------------------------------------------------
-# The SPEC's equivalences
+# The contract's equivalences
 # --------------------------------------------------------------------------------------------------
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""The float64 reference against SPEC.md: gradcheck through every option.
+"""The float64 reference against docs/loss.md: gradcheck through every option.
 
 Helpers shared with the other test_reference_*.py files live in `_reference_helpers`.
 """
@@ -29,7 +29,7 @@ def _screen(batch: Batch, opts: dict) -> set[str] | None:
 
     Besides the usual kinks (clip bounds, log-ratio clamp, dual clip, k_min / k_max), a token on the
     clipped branch of an adapted bound whose k is not saturated is rejected too: its loss moves with
-    Hbar, which finite differences see but the SPEC's detached gradient rightly does not.
+    Hbar, which finite differences see but the contract's detached gradient rightly does not.
     """
     t = spec_terms(batch, batch.logits.detach(), opts)
     seg, adv = t.seg, t.adv

@@ -1,4 +1,4 @@
-"""The float64 reference against SPEC.md: degenerate inputs, bad inputs and the outputs.
+"""The float64 reference against docs/loss.md: degenerate inputs, bad inputs and the outputs.
 
 Helpers shared with the other test_reference_*.py files live in `_reference_helpers`.
 """

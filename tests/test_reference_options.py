@@ -1,4 +1,4 @@
-"""The float64 reference against SPEC.md: aggregation, layouts, the individual options, adaptive bounds, metrics.
+"""The float64 reference against docs/loss.md: aggregation, layouts, the individual options, adaptive bounds, metrics.
 
 Helpers shared with the other test_reference_*.py files live in `_reference_helpers`.
 """
