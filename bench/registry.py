@@ -232,6 +232,19 @@ def _fused_linear(inp: Inputs):
     return lambda: sspo_loss_from_hidden(*args, **inp.options()).loss
 
 
+def _lmhead_then_loss(inp: Inputs):
+    """The real case of `inplace_backward`: logits from a matmul are not a leaf, so the gradient buffer
+    they hand back is the logits' own and autograd does not copy it into a `.grad`."""
+    from sspo_kernels import sspo_loss
+
+    def run():
+        logits = inp.hidden @ inp.weight.T
+        args = (logits, inp.tokens, inp.old_logprobs, inp.advantages, inp.mask)
+        return sspo_loss(*args, backend="torch", inplace_backward=True, **inp.options()).loss
+
+    return run
+
+
 # ---------------------------------------------------------------- registry
 
 PATHS: dict[str, Path] = {
@@ -256,6 +269,8 @@ PATHS: dict[str, Path] = {
         Path("baseline-linear", "hidden", "hidden @ W.T, then the eager baseline", _baseline_linear, ""),
         Path("fused-linear", "hidden", "sspo_loss_from_hidden: logits never materialised", _fused_linear,
              "baseline-linear"),
+        Path("lmhead-inplace", "hidden", "logits = hidden @ W.T, then sspo_loss(inplace_backward=True)",
+             _lmhead_then_loss, "baseline-linear", overwrites_input=False),
     )
 }  # fmt: skip
 

@@ -204,7 +204,7 @@ def _chunk_batch(batch: FlatBatch, s: int, e: int) -> FlatBatch:
     """The per-token fields of `batch` restricted to tokens [s, e)."""
     cut = lambda t: None if t is None else t[s:e]
     return replace(
-        batch, tokens=batch.tokens[s:e], mask=batch.mask[s:e], old_logprobs=batch.old_logprobs[s:e],
+        batch, tokens=batch.tokens[s:e], mask=batch.mask[s:e], old_logprobs=cut(batch.old_logprobs),
         advantages=batch.advantages[s:e], ref_logprobs=cut(batch.ref_logprobs),
         response_ids=batch.response_ids[s:e], segment_ids=cut(batch.segment_ids), token_shape=(e - s,),
     )  # fmt: skip
