@@ -13,6 +13,6 @@ fi
 . .venv/bin/activate
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     python -m pip install -q --upgrade pip
-    python -m pip install -q torch==2.13.0 -e '.[test,bench]'
+    python -m pip install -q torch==2.13.0 -e '.[test,bench,trl,verl]'
     echo "$want" > "$stamp"
 fi
