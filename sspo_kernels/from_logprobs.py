@@ -36,6 +36,7 @@ class LogprobsLossFunction(torch.autograd.Function):
         ctx.cfg, ctx.backend = cfg, backend
         ctx.dtypes = (logprobs.dtype, None if entropy is None else entropy.dtype)
         metrics = tuple(finalize_metrics(step.metric_sums).values())
+        ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
         ctx.mark_non_differentiable(logp, ent, *metrics)
         return (step.loss, logp, ent, *metrics)
 

@@ -233,6 +233,7 @@ class TwoPhaseFunction(torch.autograd.Function):
         ctx.cfg, ctx.plan, ctx.backend = cfg, plan, backend
         ctx.needs = _needs(ctx, grad_on)
         metrics = tuple(finalize_metrics(step.metric_sums).values())
+        ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
         ctx.mark_non_differentiable(stats.logp, stats.entropy, *metrics)
         return (step.loss, stats.logp, stats.entropy, *metrics)
 
@@ -295,6 +296,7 @@ class SinglePassFunction(torch.autograd.Function):
         ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         metrics = tuple(finalize_metrics(merge_metric_sums(parts)).values())
+        ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
         ctx.mark_non_differentiable(logp, entropy, *metrics)
         return (torch.stack(losses).sum(), logp, entropy, *metrics)
 

@@ -45,6 +45,7 @@ class SSPOLossFunction(torch.autograd.Function):
         ctx.save_for_backward(logits, batch.tokens, batch.mask, *stats, *step.saved)
         ctx.cfg, ctx.backend, ctx.inplace = cfg, backend, inplace
         metrics = tuple(finalize_metrics(step.metric_sums).values())
+        ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
         ctx.mark_non_differentiable(stats.logp, stats.entropy, *metrics)
         return (step.loss, stats.logp, stats.entropy, *metrics)
 

@@ -136,6 +136,12 @@ def _load(x: torch.Tensor, s: torch.Tensor, tau: float) -> None:
         s.div_(tau)
 
 
+def _log_sum(s_y: torch.Tensor, sum_other: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """log S from S = sum_{v != y} e^s + e^{s_y} (s shifted by the row max): log1p of the other terms
+    when y is the argmax (s_y = 0), where fl(S) = 1 + tiny would lose them as p_y -> 1."""
+    return torch.where(s_y == 0, torch.log1p(sum_other), total.log())
+
+
 def _fwd_chunk(x: torch.Tensor, y: torch.Tensor, tau: float, s: torch.Tensor, e: torch.Tensor):
     """lse, entropy, logp (C,) fp32 of the rows x (C, V) for targets y (C,) in range.
 
@@ -148,26 +154,25 @@ def _fwd_chunk(x: torch.Tensor, y: torch.Tensor, tau: float, s: torch.Tensor, e:
     else:
         _load(x, s, tau)
         s.sub_(m)
-    s_y = s.gather(1, y[:, None]).squeeze(1)
+    col = y[:, None]
+    s_y = s.gather(1, col).squeeze(1)
     _exp(s, out=e)
-    sum_e = e.sum(-1)
-    log_sum = sum_e.log()
+    e_y = e.gather(1, col).squeeze(1)
+    e.scatter_(1, col, 0.0)  # the sums run over v != y; the target's terms are added back below
+    sum_other = e.sum(-1)
+    total = sum_other + e_y
+    log_sum = _log_sum(s_y, sum_other, total)
     s.clamp_(min=_NO_PROB)  # -inf (p = 0) would make e * s = 0 * -inf = NaN
-    entropy = log_sum - e.mul_(s).sum(-1) / sum_e  # both terms >= 0: no cancellation
+    t = e.mul_(s).sum(-1) + e_y * s_y.clamp(min=_NO_PROB)
+    entropy = log_sum - t / total  # both terms >= 0: no cancellation
     return m.squeeze(1) + log_sum, entropy, s_y - log_sum
 
 
-def _target_entry(p_y, logp_y, entropy, g, e, tau: float) -> torch.Tensor:
-    """The gradient at the target column in fp32, (C,): 1 - p_y is exact for p_y >= 1/2, so a
-    confident row (p_y = 0.999) keeps all its digits before the single rounding to the output dtype."""
-    return (g * (1.0 - p_y) - e * p_y * (logp_y + entropy)) / tau
-
-
-def _bwd_chunk(x, y, mask, lse, entropy, g, e, tau: float, s, p, out) -> None:
+def _bwd_chunk(x, y, mask, g, e, tau: float, s, p, out) -> None:
     """Write the gradient of the rows x (C, V) into out (C, V) (may be x itself).
 
-    s, p: (C, V) fp32 workspaces. Per-row inputs (C,) must be zero at masked-out rows, so that
-    those rows come out exactly 0."""
+    g, e: (C,) upstream gradients of logp and entropy, zero at masked-out rows (e None: no entropy
+    term); s, p: (C, V) fp32 workspaces. Masked-out rows come out exactly 0."""
     if x.dtype == torch.float32:
         torch.where(mask[:, None], x, x.new_zeros(()), out=s)  # hides masked-out garbage
         if tau != 1.0:
@@ -175,22 +180,32 @@ def _bwd_chunk(x, y, mask, lse, entropy, g, e, tau: float, s, p, out) -> None:
     else:
         _load(x, s, tau)
         torch.where(mask[:, None], s, s.new_zeros(()), out=s)
-    s.sub_(lse[:, None])
-    s_y = s.gather(1, y[:, None]).squeeze(1)
+    s.sub_(s.amax(-1, keepdim=True))
+    col = y[:, None]
+    s_y = s.gather(1, col).squeeze(1)
     _exp(s, out=p)
-    # p / sum_p and s - log(sum_p) are the exact softmax and log-softmax of the row (see module doc).
-    sum_p = p.sum(-1)
-    log_sum = sum_p.log()
-    target = _target_entry(p.gather(1, y[:, None]).squeeze(1) / sum_p, s_y - log_sum, entropy, g, e, tau)
-    k = 1.0 / (tau * sum_p)
-    c1 = (g + e * (entropy - log_sum)).mul_(-k)
-    c2 = e * -k
-    # clamp: see _NO_PROB; two passes, yet 5x faster than a broadcast addcmul here
-    s.clamp_(min=_NO_PROB).mul_(c2[:, None]).add_(c1[:, None])
-    if out.dtype == torch.float32:
-        torch.mul(p, s, out=out).scatter_(1, y[:, None], target[:, None])
-    else:  # scatter_ into bf16 would copy the whole chunk: round once, on the copy
-        out.copy_(s.mul_(p).scatter_(1, y[:, None], target[:, None]))
+    p_y = p.gather(1, col).squeeze(1)
+    p.scatter_(1, col, 0.0)
+    sum_other = p.sum(-1)
+    k = 1.0 / (tau * (sum_other + p_y))  # p / S is the softmax
+    target = g * sum_other  # g (1 - p_y) S, with 1 - p_y = sum_{v != y} p_v / S
+    # fp32 output: the last product goes straight into out; otherwise round once, on the copy (a
+    # scatter_ into bf16 would copy the whole chunk)
+    dst = out if out.dtype == torch.float32 else s
+    if e is None:
+        torch.mul(p, (-g * k)[:, None], out=dst)
+    else:
+        # log p_v + H = s_v - E_p[s]: one quantity, no two terms of size log V to cancel
+        s_y = s_y.clamp(min=_NO_PROB)
+        s.clamp_(min=_NO_PROB)  # see _NO_PROB
+        mean = (torch.bmm(p[:, None, :], s[:, :, None]).view(-1) + p_y * s_y) * (tau * k)
+        target = target - e * p_y * (s_y - mean)
+        # p_v (c2 s_v + c1) = -p_v k (g + e (s_v - mean)); two passes, yet 5x faster than addcmul
+        s.mul_((-e * k)[:, None]).add_(((e * mean - g) * k)[:, None])
+        torch.mul(s, p, out=dst)
+    dst.scatter_(1, col, (target * k)[:, None])
+    if dst is not out:
+        out.copy_(dst)
 
 
 # ---------------------------------------------------------------- torch.compile variants
@@ -201,26 +216,36 @@ def _fwd_chunk_fused(x: torch.Tensor, y: torch.Tensor, tau: float) -> tuple[torc
     z = x.float() / tau
     m = z.amax(-1, keepdim=True)
     s = z - m
-    e = torch.exp(s)
-    sum_e = e.sum(-1)
-    log_sum = sum_e.log()
-    logp = s.gather(1, y[:, None]).squeeze(1) - log_sum
-    entropy = log_sum - (e * s.clamp(min=_NO_PROB)).sum(-1) / sum_e
-    return m.squeeze(1) + log_sum, entropy, logp
-
-
-def _bwd_chunk_fused(x, y, mask, lse, entropy, g, e, tau: float, out: torch.Tensor) -> None:
-    """`_bwd_chunk` in functional form, writing into out (inductor fuses the store)."""
-    s = torch.where(mask[:, None], x.float() / tau, 0.0) - lse[:, None]
-    s_y = s.gather(1, y[:, None]).squeeze(1)
-    p = torch.exp(s)
-    sum_p = p.sum(-1)
-    log_sum = sum_p.log()
-    target = _target_entry(p.gather(1, y[:, None]).squeeze(1) / sum_p, s_y - log_sum, entropy, g, e, tau)
-    k = (-1.0 / (tau * sum_p))[:, None]
-    grad = p * ((g + e * (entropy - log_sum))[:, None] * k + (e[:, None] * k) * s.clamp(min=_NO_PROB))
     onehot = torch.arange(x.shape[1], device=x.device) == y[:, None]
-    out.copy_(torch.where(onehot, target[:, None], grad))
+    s_y = s.gather(1, y[:, None]).squeeze(1)
+    e = torch.exp(s)
+    e_y = torch.exp(s_y)
+    e_other = torch.where(onehot, 0.0, e)
+    sum_other = e_other.sum(-1)
+    total = sum_other + e_y
+    log_sum = _log_sum(s_y, sum_other, total)
+    t = (e_other * s.clamp(min=_NO_PROB)).sum(-1) + e_y * s_y.clamp(min=_NO_PROB)
+    return m.squeeze(1) + log_sum, log_sum - t / total, s_y - log_sum
+
+
+def _bwd_chunk_fused(x, y, mask, g, e, tau: float, out: torch.Tensor) -> None:
+    """`_bwd_chunk` in functional form, writing into out (inductor fuses the store)."""
+    z = torch.where(mask[:, None], x.float() / tau, 0.0)
+    s = (z - z.amax(-1, keepdim=True)).clamp(min=_NO_PROB)
+    onehot = torch.arange(x.shape[1], device=x.device) == y[:, None]
+    s_y = s.gather(1, y[:, None]).squeeze(1)
+    p = torch.where(onehot, 0.0, torch.exp(s))
+    p_y = torch.exp(s_y)
+    sum_other = p.sum(-1)
+    k = 1.0 / (tau * (sum_other + p_y))
+    target = g * sum_other
+    if e is None:
+        grad = p * (-g * k)[:, None]
+    else:
+        mean = ((p * s).sum(-1) + p_y * s_y) * (tau * k)
+        target = target - e * p_y * (s_y - mean)
+        grad = -p * (k[:, None] * (g[:, None] + e[:, None] * (s - mean[:, None])))
+    out.copy_(torch.where(onehot, (target * k)[:, None], grad))
 
 
 @functools.cache
@@ -290,30 +315,30 @@ def logprob_entropy_bwd(
     chunk_size: int | None = None,
     use_compile: bool = False,
 ) -> torch.Tensor:
-    """dLoss/dlogits from the upstream grad_logp, grad_entropy (N,) fp32, recomputing p per chunk.
+    """dLoss/dlogits from the upstream grad_logp, grad_entropy (N,) fp32 (None: no entropy term).
 
-    lse and entropy are the forward's outputs; grad_entropy None means zero. `logp` is accepted for
-    the Triton launcher's signature and not needed here: renormalising p by its row sum already
-    removes the rounding of the saved lse. Returns a tensor shaped like logits in its dtype,
-    zero at masked-out rows; with `inplace=True` it is the logits buffer itself, overwritten.
-    `chunk_size` and `use_compile` as in `logprob_entropy_fwd`.
+    Each chunk's softmax statistics are recomputed from its logits (shifted by the row max, as in the
+    forward), so lse, entropy and logp are accepted for the launchers' common signature and not read:
+    1 - p_y is the sum of the other probabilities, and the entropy term uses log p + H = s - E_p[s],
+    neither of which the forward's rounded fp32 statistics give to full precision. Returns a tensor
+    shaped like logits in its dtype, zero at masked-out rows; with `inplace=True` it is the logits
+    buffer itself, overwritten. `chunk_size` and `use_compile` as in `logprob_entropy_fwd`.
     """
+    del lse, entropy, logp
     y, mask = _check(logits, tokens, mask, chunk_size)
     n, vocab = y.shape[0], logits.shape[-1]
     tau = float(temperature)
     # Per-row factors, zero where masked out (whatever the caller stored there).
-    if grad_entropy is None:
-        grad_entropy = torch.zeros_like(grad_logp)
-    rows = [torch.where(mask, t.reshape(-1).float(), 0.0) for t in (lse, entropy, grad_logp, grad_entropy)]
+    rows = [None if t is None else torch.where(mask, t.reshape(-1).float(), 0.0) for t in (grad_logp, grad_entropy)]
     grad = logits if inplace else new_empty(logits.shape, logits.dtype, logits.device)
     grad_rows = None if inplace else grad.view(n, vocab)  # a fresh buffer is contiguous
     chunk = chunk_size or vocab_chunk_rows(vocab, logits.dtype)
     work = None if use_compile else _workspace(2, min(chunk, n), vocab, logits.device)
     for r0, r1, x in _chunks(_row_pieces(logits), chunk):
         out = x if inplace else grad_rows[r0:r1]
-        args = (x, y[r0:r1], mask[r0:r1], *(t[r0:r1] for t in rows), tau)
+        args = (x, y[r0:r1], mask[r0:r1], *(None if t is None else t[r0:r1] for t in rows), tau)
         if use_compile:
-            _rows_dynamic(*args[:-1], out)
+            _rows_dynamic(*(a for a in args[:-1] if a is not None), out)
             _compiled(_bwd_chunk_fused)(*args, out)
         else:
             _bwd_chunk(*args, *(w[: r1 - r0] for w in work), out)

@@ -39,6 +39,56 @@ MIN_SHIFT = tl.constexpr(-1e30)
 
 
 @triton.jit
+def _log1p(u):
+    """log(1 + u) to a few ulps also for tiny u (libdevice's log1p is not available to the interpreter):
+    w = fl(1 + u) and log(w) * u / (w - 1) cancel the rounding of w."""
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+
+
+@triton.jit
+def _one_minus_exp(u):
+    """1 - e^u for u <= 0 without cancellation as u -> 0 (Kahan's expm1: (w - 1) * u / log w)."""
+    w = tl.exp(u)
+    return tl.where(w == 1.0, -u, tl.where(w < 0.5, 1.0 - w, (1.0 - w) * (u / tl.log(w))))
+
+
+@triton.jit
+def _row_stats(p_row, i_y32, b_xy, V, inv_tau, BLOCK_V: tl.constexpr):
+    """One pass over a row: the max m of its raw logits and, with d_v = (x_v - m) / tau,
+
+        log S (S = sum_v e^d), q = 1 - p_y = sum_{v != y} e^d / S, mu = E_p[d] = sum_v e^d d / S.
+
+    The sums run over v != y and the target's term is added at the end: when y is the argmax (d_y = 0),
+    log S = log1p(sum_{v != y} e^d) and q keep every digit for p_y -> 1, where fl(S) = 1 + tiny would
+    not. i_y32 = -1 for a target outside [0, V) (its b_xy is NaN and adds nothing)."""
+    b_m = tl.full([], NEG_FLT_MAX, tl.float32)
+    b_s = tl.zeros([], dtype=tl.float32)
+    b_t = tl.zeros([], dtype=tl.float32)
+    for i_v in range(0, V, BLOCK_V):
+        o_v = i_v + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        # [BLOCK_V]
+        b_x = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
+        b_m_new = tl.maximum(b_m, tl.max(b_x, 0))
+        b_shift = tl.maximum(b_m - b_m_new, MIN_SHIFT) * inv_tau
+        b_a = tl.exp2(b_shift * LOG2E)
+        # [BLOCK_V]
+        b_d = (b_x - b_m_new) * inv_tau
+        b_e = tl.where(o_v == i_y32, 0.0, tl.exp2(b_d * LOG2E))
+        # e * d -> 0 where e underflows or d is -inf (masked lanes); a NaN logit keeps e = NaN
+        b_t = b_a * b_t + (b_a * b_shift) * b_s + tl.sum(b_e * tl.where(b_e > 0, b_d, 0.0), 0)
+        b_s = b_a * b_s + tl.sum(b_e, 0)
+        b_m = b_m_new
+    b_dy = (b_xy - b_m) * inv_tau
+    b_ey = tl.where(i_y32 >= 0, tl.exp2(b_dy * LOG2E), 0.0)
+    b_total = b_s + b_ey
+    b_log_s = tl.where((b_dy == 0.0) & (i_y32 >= 0), _log1p(b_s), tl.log(b_total))
+    b_mu = (b_t + b_ey * tl.where(b_ey > 0, b_dy, 0.0)) / b_total
+    return b_m, b_dy, b_log_s, b_s / b_total, b_mu
+
+
+@triton.jit
 def logprob_entropy_fwd_kernel(
     logits_ptr,
     tokens_ptr,
@@ -58,29 +108,12 @@ def logprob_entropy_fwd_kernel(
     p_row = logits_ptr + (i_r // T) * stride_b + (i_r % T) * stride_t
     if tl.load(mask_ptr + i_r):
         i_y = tl.load(tokens_ptr + i_r)
+        m_y = (i_y >= 0) & (i_y < V)
         # an out-of-range target is never read: its logp comes out NaN
-        b_xy = tl.load(p_row + i_y, mask=(i_y >= 0) & (i_y < V), other=float("nan")).to(tl.float32)
-        b_m = tl.full([], NEG_FLT_MAX, tl.float32)
-        b_s = tl.zeros([], dtype=tl.float32)
-        b_t = tl.zeros([], dtype=tl.float32)
-        for i_v in range(0, V, BLOCK_V):
-            o_v = i_v + tl.arange(0, BLOCK_V)
-            m_v = o_v < V
-            # [BLOCK_V]
-            b_x = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
-            b_m_new = tl.maximum(b_m, tl.max(b_x, 0))
-            b_shift = tl.maximum(b_m - b_m_new, MIN_SHIFT) * inv_tau
-            b_a = tl.exp2(b_shift * LOG2E)
-            # [BLOCK_V]
-            b_d = (b_x - b_m_new) * inv_tau
-            b_e = tl.exp2(b_d * LOG2E)
-            # e * d -> 0 where e underflows or d is -inf (masked lanes); a NaN logit keeps e = NaN
-            b_t = b_a * b_t + (b_a * b_shift) * b_s + tl.sum(b_e * tl.where(b_e > 0, b_d, 0.0), 0)
-            b_s = b_a * b_s + tl.sum(b_e, 0)
-            b_m = b_m_new
-        b_log_s = tl.log(b_s)
-        tl.store(logp_ptr + i_r, (b_xy - b_m) * inv_tau - b_log_s)
-        tl.store(entropy_ptr + i_r, b_log_s - b_t / b_s)
+        b_xy = tl.load(p_row + i_y, mask=m_y, other=float("nan")).to(tl.float32)
+        b_m, b_dy, b_log_s, b_q, b_mu = _row_stats(p_row, tl.where(m_y, i_y, -1).to(tl.int32), b_xy, V, inv_tau, BLOCK_V)
+        tl.store(logp_ptr + i_r, b_dy - b_log_s)
+        tl.store(entropy_ptr + i_r, b_log_s - b_mu)
         tl.store(lse_ptr + i_r, b_m * inv_tau + b_log_s)
     else:
         tl.store(logp_ptr + i_r, 0.0)
@@ -119,32 +152,40 @@ def logprob_entropy_bwd_kernel(
         i_y = tl.load(tokens_ptr + i_r)
         m_y = (i_y >= 0) & (i_y < V)
         i_y32 = tl.where(m_y, i_y, -1).to(tl.int32)
-        b_lse = tl.load(lse_ptr + i_r)
-        b_logp_y = tl.load(logp_ptr + i_r)
         b_xy = tl.load(p_row + i_y, mask=m_y, other=0.0).to(tl.float32)
-        # log p = (x - x_ref) / tau + c, from the target (c = logp_y) when |logp_y| < |lse|, as for a likely
-        # target among logits ~ 1e3: x - x_y is exact there while fp32 lse is off by ~ulp(1e3); else from
-        # the origin (c = -lse). Without a forward logp, logp_ptr is lse and the origin is always chosen.
-        m_ref = m_y & (tl.abs(b_logp_y) < tl.abs(b_lse))
-        b_xref = tl.where(m_ref, b_xy, 0.0)
-        b_c = tl.where(m_ref, b_logp_y, -b_lse)
         # an out-of-range target has no one-hot entry: the whole row comes out NaN, like its logp
         b_g = tl.where(m_y, tl.load(grad_logp_ptr + i_r), float("nan"))
+        # log p = (x - x_ref) / tau + c; b_q = 1 - p_y, formed without cancelling as p_y -> 1
         if HAS_GRAD_ENTROPY:
+            # dH/dz_v = -p_v (log p_v + H) = -p_v (d_v - E_p[d]) for any shift d = z - const: the two
+            # terms of size log V cancel exactly. E_p[d] is not among the forward's statistics (H and
+            # lse are each off by ~ulp(log V)), so a first pass over the row recomputes it, with the
+            # max as the shift: there d - E_p[d] is accurate for near-uniform rows and at the argmax.
             b_ge = tl.load(grad_entropy_ptr + i_r)
-            b_h = tl.load(entropy_ptr + i_r)
+            b_xref, b_dy, b_log_s, b_q, b_mu = _row_stats(p_row, i_y32, b_xy, V, inv_tau, BLOCK_V)
+            b_c = -b_log_s
+        else:
+            # From the target (c = logp_y) when |logp_y| < |lse|, as for a likely target among logits
+            # ~ 1e3: x - x_y is exact there while fp32 lse is off by ~ulp(1e3); else from the origin
+            # (c = -lse). Without a forward logp, logp_ptr is lse and the origin is always chosen.
+            b_lse = tl.load(lse_ptr + i_r)
+            b_logp_y = tl.load(logp_ptr + i_r)
+            m_ref = m_y & (tl.abs(b_logp_y) < tl.abs(b_lse))
+            b_xref = tl.where(m_ref, b_xy, 0.0)
+            b_c = tl.where(m_ref, b_logp_y, -b_lse)
+            b_q = _one_minus_exp((b_xy - b_xref) * inv_tau + b_c)
         for i_v in range(0, V, BLOCK_V):
             o_v = i_v + tl.arange(0, BLOCK_V)
             m_v = o_v < V
             # [BLOCK_V]
             b_x = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
-            b_logp = (b_x - b_xref) * inv_tau + b_c
-            b_p = tl.exp2(b_logp * LOG2E)
+            b_w = (b_x - b_xref) * inv_tau
+            b_p = tl.exp2((b_w + b_c) * LOG2E)
             # the target entry g * (1 - p) is formed in fp32, before the single rounding at the store
-            b_grad = tl.where(o_v == i_y32, b_g * (1.0 - b_p), -b_g * b_p)
+            b_grad = tl.where(o_v == i_y32, b_g * b_q, -b_g * b_p)
             if HAS_GRAD_ENTROPY:
-                # dH/dz = -p (log p + H), with p log p -> 0 where p underflows or log p is -inf
-                b_grad -= b_ge * b_p * (tl.where(b_p > 0, b_logp, 0.0) + b_h)
+                # p (log p + H) -> 0 where p underflows or the logit is -inf
+                b_grad -= b_ge * b_p * tl.where(b_p > 0, b_w - b_mu, 0.0)
             tl.store(p_grad + o_v, (b_grad * inv_tau).to(grad_logits_ptr.dtype.element_ty), mask=m_v)
     else:
         for i_v in range(0, V, BLOCK_V):
