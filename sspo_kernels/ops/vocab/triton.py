@@ -7,16 +7,21 @@ entries of s bytes each:
 Forward: one pass over the vocabulary per kept row; reads the logits once (K * V * s bytes, plus the
 target entry, a cache hit) and writes 3 floats per row. It keeps the running max m of the raw logits
 (tau > 0, so the max commutes with the scaling) and, with d_v = (x_v - m) / tau <= 0, the sums
-s = sum e^d and t = sum e^d * d. When the max grows by delta (in units of z = x / tau): s <- a*s and
-t <- a*(t - delta*s), a = e^-delta. Then lse = m/tau + log s, logp = (x_y - m)/tau - log s and
-entropy = log s - t/s: entropy never subtracts two numbers of the size of lse, and x - m is exact for
-nearby logits, so |z| ~ 1e4 stays accurate.
+s = sum e^d and t = sum e^d * d over v != y (the target's terms are added at the end). When the max
+grows by delta (in units of z = x / tau): s <- a*s and t <- a*(t - delta*s), a = e^-delta. Then
+lse = m/tau + log S, logp = d_y - log S and entropy = log S - t/S (S, t with the target's terms):
+entropy never subtracts two numbers of the size of lse, and x - m is exact for nearby logits, so
+|z| ~ 1e4 stays accurate. Keeping the target out of s gives log S = log1p(s) when y is the argmax,
+so logp keeps its digits as p_y -> 1 (fl(S) = 1 + tiny would lose them).
 
-Backward: one pass per row; reads the logits once and writes the gradient once (K * V * s bytes read,
-N * V * s written: masked-out rows only write zeros), with p recomputed from the forward's lse, or
-from its logp relative to the target logit when that is the more precise (large logits). In place,
-the gradient overwrites the logits it was computed from, element by element within one program, so
-the loss needs no (N, V) buffer of its own.
+Backward: one pass per row without an entropy term, two with one; reads the logits once per pass
+and writes the gradient once (N * V * s written: masked-out rows only write zeros), with p recomputed
+from the forward's lse, or from its logp relative to the target logit when that is the more precise
+(large logits). 1 - p_y is -expm1(logp_y). The entropy term -p (log p + H) is formed as
+-p (d - E_p[d]); E_p[d] is not among the forward's outputs (H and lse each carry ~ulp(log V), which
+is the whole of log p + H on a near-uniform row), so a first pass recomputes it. In place, the
+gradient overwrites the logits it was computed from, element by element within one program, so the
+loss needs no (N, V) buffer of its own.
 """
 
 from __future__ import annotations
@@ -41,27 +46,30 @@ MIN_SHIFT = tl.constexpr(-1e30)
 @triton.jit
 def _log1p(u):
     """log(1 + u) to a few ulps also for tiny u (libdevice's log1p is not available to the interpreter):
-    w = fl(1 + u) and log(w) * u / (w - 1) cancel the rounding of w."""
+    with w = fl(1 + u), log(w) * u / (w - 1) cancels the rounding of w."""
     w = 1.0 + u
-    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+    exact = w == 1.0
+    return tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
 
 
 @triton.jit
 def _one_minus_exp(u):
     """1 - e^u for u <= 0 without cancellation as u -> 0 (Kahan's expm1: (w - 1) * u / log w)."""
     w = tl.exp(u)
-    return tl.where(w == 1.0, -u, tl.where(w < 0.5, 1.0 - w, (1.0 - w) * (u / tl.log(w))))
+    direct = (w < 0.5) | (w == 1.0)  # no cancellation, or none to correct
+    kahan = (1.0 - w) * (u / tl.log(tl.where(direct, 0.5, w)))
+    return tl.where(w == 1.0, -u, tl.where(w < 0.5, 1.0 - w, kahan))
 
 
 @triton.jit
 def _row_stats(p_row, i_y32, b_xy, V, inv_tau, BLOCK_V: tl.constexpr):
     """One pass over a row: the max m of its raw logits and, with d_v = (x_v - m) / tau,
 
-        log S (S = sum_v e^d), q = 1 - p_y = sum_{v != y} e^d / S, mu = E_p[d] = sum_v e^d d / S.
+        d_y, log S (S = sum_v e^d) and mu = E_p[d] = sum_v e^d d / S.
 
     The sums run over v != y and the target's term is added at the end: when y is the argmax (d_y = 0),
-    log S = log1p(sum_{v != y} e^d) and q keep every digit for p_y -> 1, where fl(S) = 1 + tiny would
-    not. i_y32 = -1 for a target outside [0, V) (its b_xy is NaN and adds nothing)."""
+    log S = log1p(sum_{v != y} e^d) keeps every digit of log p_y = -log S as p_y -> 1, where
+    fl(S) = 1 + tiny would not. i_y32 = -1 for a target outside [0, V) (its b_xy is NaN and adds nothing)."""
     b_m = tl.full([], NEG_FLT_MAX, tl.float32)
     b_s = tl.zeros([], dtype=tl.float32)
     b_t = tl.zeros([], dtype=tl.float32)
@@ -85,7 +93,7 @@ def _row_stats(p_row, i_y32, b_xy, V, inv_tau, BLOCK_V: tl.constexpr):
     b_total = b_s + b_ey
     b_log_s = tl.where((b_dy == 0.0) & (i_y32 >= 0), _log1p(b_s), tl.log(b_total))
     b_mu = (b_t + b_ey * tl.where(b_ey > 0, b_dy, 0.0)) / b_total
-    return b_m, b_dy, b_log_s, b_s / b_total, b_mu
+    return b_m, b_dy, b_log_s, b_mu
 
 
 @triton.jit
@@ -111,7 +119,7 @@ def logprob_entropy_fwd_kernel(
         m_y = (i_y >= 0) & (i_y < V)
         # an out-of-range target is never read: its logp comes out NaN
         b_xy = tl.load(p_row + i_y, mask=m_y, other=float("nan")).to(tl.float32)
-        b_m, b_dy, b_log_s, b_q, b_mu = _row_stats(p_row, tl.where(m_y, i_y, -1).to(tl.int32), b_xy, V, inv_tau, BLOCK_V)
+        b_m, b_dy, b_log_s, b_mu = _row_stats(p_row, tl.where(m_y, i_y, -1).to(tl.int32), b_xy, V, inv_tau, BLOCK_V)
         tl.store(logp_ptr + i_r, b_dy - b_log_s)
         tl.store(entropy_ptr + i_r, b_log_s - b_mu)
         tl.store(lse_ptr + i_r, b_m * inv_tau + b_log_s)
@@ -155,37 +163,34 @@ def logprob_entropy_bwd_kernel(
         b_xy = tl.load(p_row + i_y, mask=m_y, other=0.0).to(tl.float32)
         # an out-of-range target has no one-hot entry: the whole row comes out NaN, like its logp
         b_g = tl.where(m_y, tl.load(grad_logp_ptr + i_r), float("nan"))
-        # log p = (x - x_ref) / tau + c; b_q = 1 - p_y, formed without cancelling as p_y -> 1
+        # log p = (x - x_ref) / tau + c, from the target (c = logp_y) when |logp_y| < |lse|, as for a likely
+        # target among logits ~ 1e3: x - x_y is exact there while fp32 lse is off by ~ulp(1e3); else from
+        # the origin (c = -lse). Without a forward logp, logp_ptr is lse and the origin is always chosen.
+        b_lse = tl.load(lse_ptr + i_r)
+        b_logp_y = tl.load(logp_ptr + i_r)
+        m_ref = m_y & (tl.abs(b_logp_y) < tl.abs(b_lse))
+        b_xref = tl.where(m_ref, b_xy, 0.0)
+        b_c = tl.where(m_ref, b_logp_y, -b_lse)
+        # 1 - p_y without cancelling as p_y -> 1 (the forward's logp_y keeps its digits there)
+        b_q = _one_minus_exp((b_xy - b_xref) * inv_tau + b_c)
         if HAS_GRAD_ENTROPY:
-            # dH/dz_v = -p_v (log p_v + H) = -p_v (d_v - E_p[d]) for any shift d = z - const: the two
-            # terms of size log V cancel exactly. E_p[d] is not among the forward's statistics (H and
-            # lse are each off by ~ulp(log V)), so a first pass over the row recomputes it, with the
-            # max as the shift: there d - E_p[d] is accurate for near-uniform rows and at the argmax.
+            # dH/dz_v = -p_v (log p_v + H) = -p_v (d_v - E_p[d]) for any shift d = z - const, which
+            # removes the two terms of size log V. E_p[d] is not among the forward's statistics (H and
+            # lse are each off by ~ulp(log V)), so a first pass over the row recomputes it, shifted by
+            # the row max m: d - E_p[d] is then accurate on near-uniform rows and at the argmax.
             b_ge = tl.load(grad_entropy_ptr + i_r)
-            b_xref, b_dy, b_log_s, b_q, b_mu = _row_stats(p_row, i_y32, b_xy, V, inv_tau, BLOCK_V)
-            b_c = -b_log_s
-        else:
-            # From the target (c = logp_y) when |logp_y| < |lse|, as for a likely target among logits
-            # ~ 1e3: x - x_y is exact there while fp32 lse is off by ~ulp(1e3); else from the origin
-            # (c = -lse). Without a forward logp, logp_ptr is lse and the origin is always chosen.
-            b_lse = tl.load(lse_ptr + i_r)
-            b_logp_y = tl.load(logp_ptr + i_r)
-            m_ref = m_y & (tl.abs(b_logp_y) < tl.abs(b_lse))
-            b_xref = tl.where(m_ref, b_xy, 0.0)
-            b_c = tl.where(m_ref, b_logp_y, -b_lse)
-            b_q = _one_minus_exp((b_xy - b_xref) * inv_tau + b_c)
+            b_m, _, _, b_mu = _row_stats(p_row, i_y32, b_xy, V, inv_tau, BLOCK_V)
         for i_v in range(0, V, BLOCK_V):
             o_v = i_v + tl.arange(0, BLOCK_V)
             m_v = o_v < V
             # [BLOCK_V]
             b_x = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
-            b_w = (b_x - b_xref) * inv_tau
-            b_p = tl.exp2((b_w + b_c) * LOG2E)
+            b_p = tl.exp2(((b_x - b_xref) * inv_tau + b_c) * LOG2E)
             # the target entry g * (1 - p) is formed in fp32, before the single rounding at the store
             b_grad = tl.where(o_v == i_y32, b_g * b_q, -b_g * b_p)
             if HAS_GRAD_ENTROPY:
                 # p (log p + H) -> 0 where p underflows or the logit is -inf
-                b_grad -= b_ge * b_p * tl.where(b_p > 0, b_w - b_mu, 0.0)
+                b_grad -= b_ge * b_p * tl.where(b_p > 0, (b_x - b_m) * inv_tau - b_mu, 0.0)
             tl.store(p_grad + o_v, (b_grad * inv_tau).to(grad_logits_ptr.dtype.element_ty), mask=m_v)
     else:
         for i_v in range(0, V, BLOCK_V):
@@ -332,12 +337,14 @@ def logprob_entropy_bwd(
     """Gradient of sum_t grad_logp[t] * logp[t] + grad_entropy[t] * entropy[t] with respect to logits.
 
     grad_logits = (1/tau) * (g * (onehot(y) - p) - e * p * (log p + H)), computed in fp32 and rounded
-    once to logits' dtype; exactly 0 at masked-out rows. lse and entropy are the forward's outputs.
-    grad_entropy=None means all zero (then entropy may be None too): the entropy term is compiled out.
+    once to logits' dtype; exactly 0 at masked-out rows. lse is the forward's output; entropy is
+    accepted for the common signature and not read (log p + H is recomputed as z - E_p[z], in a first
+    pass over the row). grad_entropy=None means all zero: the entropy term and that pass are compiled out.
     logp: the forward's logp, optional. With it, p is taken relative to the target logit wherever
         |logp| < |lse|, which keeps the gradient at fp32 accuracy for large logits (|z| ~ 1e3) and
-        likely targets; without it, p = exp(z - lse) carries the rounding of the fp32 lse, a relative
-        error of ~eps32 * |lse| (4e-5 at lse ~ 1e3, 4e-6 at lse ~ 30).
+        likely targets, and 1 - p_y = -expm1(logp_y) keeps its digits as p_y -> 1; without it,
+        p = exp(z - lse) carries the rounding of the fp32 lse, a relative error of ~eps32 * |lse|
+        (4e-5 at lse ~ 1e3, 4e-6 at lse ~ 30), and 1 - p_y the same absolute error.
     inplace: write the gradient over the logits buffer and return logits itself (needs a unit last
         stride); otherwise return a new contiguous tensor shaped like logits.
     row_start, num_rows, config: as in `logprob_entropy_fwd`; rows outside the range are not written.
@@ -356,14 +363,13 @@ def logprob_entropy_bwd(
     logp = lse if logp is None else _per_row("logp", logp, n, device, torch.float32)
     grad_logp = _per_row("grad_logp", grad_logp, n, device, torch.float32)
     has_grad_entropy = grad_entropy is not None
+    # never read by the kernel (see above); a valid pointer all the same
+    entropy = lse
     if has_grad_entropy:
-        if entropy is None:
-            raise ValueError("entropy is needed when grad_entropy is given")
-        entropy = _per_row("entropy", entropy, n, device, torch.float32)
         grad_entropy = _per_row("grad_entropy", grad_entropy, n, device, torch.float32)
     else:
         # never read: the HAS_GRAD_ENTROPY=False kernel compiles the entropy term out
-        entropy = grad_entropy = lse
+        grad_entropy = lse
     num_rows = _row_range(n, row_start, num_rows)
 
     if inplace:
