@@ -136,6 +136,8 @@ def sspo_loss(
 
     if isinstance(cfg.entropy_ref, float):
         h_ref = torch.tensor(cfg.entropy_ref, dtype=torch.float64)
+    elif isinstance(cfg.entropy_ref, torch.Tensor):  # a shared value, e.g. distributed.global_entropy_mean
+        h_ref = cfg.entropy_ref.detach().double().reshape(())
     else:
         h_ref = masked(entropy.detach()).sum() / max(n_tokens, 1)
 

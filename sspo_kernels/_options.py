@@ -14,6 +14,8 @@ import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
+import torch
+
 from sspo_kernels._types import LossConfig
 
 GRANULARITIES = ("subsentence", "sentence", "sequence", "token", "segments")
@@ -41,7 +43,7 @@ LOSS_OPTIONS = (
     Option("entropy_gamma", None, "float | None"),
     Option("k_min", None, "float | None"),
     Option("k_max", None, "float | None"),
-    Option("entropy_ref", "batch", "str | float"),
+    Option("entropy_ref", "batch", "str | float | torch.Tensor"),
     Option("adapt_low", True, "bool"),
     Option("adapt_high", True, "bool"),
     Option("dual_clip", None, "float | None"),
@@ -68,6 +70,19 @@ HIDDEN_OPTIONS = (
     Option("single_pass", None, "bool | None"),
 )
 LOGPROBS_OPTIONS = (Option("backend", "auto", "str"),)
+# Multi-process forms (docs/distributed.md); all None: one process, no collective.
+_GROUP = "torch.distributed.ProcessGroup | None"
+DISTRIBUTED_OPTIONS = (
+    Option("tp_group", None, _GROUP),
+    Option("vocab_start", None, "int | None"),
+    Option("sp_group", None, _GROUP),
+    Option("sp_index", None, _TENSOR),
+)
+HIDDEN_DISTRIBUTED_OPTIONS = (
+    Option("tp_group", None, _GROUP),
+    Option("vocab_start", None, "int | None"),
+    Option("reduce_hidden_grad", False, "bool"),
+)
 
 CONFIG_FIELDS = tuple(LossConfig.__dataclass_fields__)
 
@@ -163,6 +178,8 @@ def make_config(granularity: str = "subsentence", **options: Any) -> LossConfig:
     entropy_ref = o["entropy_ref"]
     if isinstance(entropy_ref, str):
         choice("entropy_ref", entropy_ref, ("batch",))
+    elif isinstance(entropy_ref, torch.Tensor):
+        entropy_ref = _tensor_entropy_ref(entropy_ref)
     else:
         entropy_ref = finite_number("entropy_ref", entropy_ref, nonneg=True)
     dual_clip = o["dual_clip"]
@@ -188,6 +205,18 @@ def make_config(granularity: str = "subsentence", **options: Any) -> LossConfig:
         log_ratio_clamp=finite_number("log_ratio_clamp", o["log_ratio_clamp"], positive=True),
         ratio_grad=choice("ratio_grad", o["ratio_grad"], RATIO_GRADS),
     )
+
+
+def _tensor_entropy_ref(value: torch.Tensor) -> torch.Tensor:
+    """A one-element floating tensor (kept on its device, no `.item()`), as a 0-d fp32 tensor; its
+    value is checked on the device (finite, >= 0)."""
+    if value.numel() != 1 or not value.is_floating_point():
+        raise ValueError(f"entropy_ref as a tensor must be one floating-point element, got {value.dtype} {value.shape}")
+    from sspo_kernels._validate import device_check  # _validate imports this module
+
+    value = value.detach().reshape(()).float()
+    device_check(value.isfinite() & (value >= 0), "entropy_ref must be finite and >= 0")
+    return value
 
 
 LOSS_DEFAULTS = {o.name: o.default for o in LOSS_OPTIONS}

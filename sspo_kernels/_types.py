@@ -33,7 +33,7 @@ class LossConfig:
     entropy_gamma: float
     k_min: float
     k_max: float
-    entropy_ref: str | float
+    entropy_ref: str | float | torch.Tensor  # a 0-d fp32 tensor stays on its device
     adapt_low: bool
     adapt_high: bool
     dual_clip: float | None
@@ -90,6 +90,7 @@ class FlatBatch:
     token_shape: tuple[int, ...]  # shape of the per-token outputs: (B, T) or (N,)
     normalizer: torch.Tensor | None  # 0-d float32 caller-given normaliser, or None
     norm_len: float | None
+    cu_seqlens: torch.Tensor | None = None  # (B + 1,) int64 on the device, for a packed batch
 
     @property
     def num_tokens(self) -> int:

@@ -279,4 +279,5 @@ def prepare_inputs(
         token_shape=tuple(token_shape),
         normalizer=norm_t,
         norm_len=norm_len,
+        cu_seqlens=None if cu_seqlens is None else _side_table("cu_seqlens", cu_seqlens, device).long(),
     )

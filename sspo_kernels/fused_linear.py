@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 
-from sspo_kernels._options import HIDDEN_OPTIONS, LOSS_OPTIONS, OptionSet, config_of
+from sspo_kernels._options import HIDDEN_DISTRIBUTED_OPTIONS, HIDDEN_OPTIONS, LOSS_OPTIONS, OptionSet, config_of, flag
+from sspo_kernels._parallel import reduce_hidden, sharded_vocab
 from sspo_kernels._types import FlatBatch, LossConfig, SSPOOutput, VocabStats
 from sspo_kernels._validate import hidden_layout, prepare_inputs
-from sspo_kernels.backend import get_backend
+from sspo_kernels.backend import get_backend, resolve_backend_name
 from sspo_kernels.loss import INPUT_NAMES, LossModule
 from sspo_kernels.ops.objective import (
     finalize_metrics,
@@ -45,7 +46,7 @@ from sspo_kernels.ops.objective import (
 )
 from sspo_kernels.ops.segment.ids import batch_segment_ids
 
-SSPO_LOSS_FROM_HIDDEN_OPTIONS = OptionSet(LOSS_OPTIONS, HIDDEN_OPTIONS)
+SSPO_LOSS_FROM_HIDDEN_OPTIONS = OptionSet(LOSS_OPTIONS, HIDDEN_OPTIONS, HIDDEN_DISTRIBUTED_OPTIONS)
 
 # Bytes of one chunk's logits counted in fp32 (rows * V * 4), by device type. The chunked-torch
 # vocabulary pass is handed the same rows per call, so on the CPU a chunk costs its logits plus two
@@ -216,21 +217,38 @@ def _chunk_batch(batch: FlatBatch, s: int, e: int) -> FlatBatch:
 class TwoPhaseFunction(torch.autograd.Function):
     """Forward: per-token statistics chunk by chunk, then the segment step on the whole batch.
     Backward: recompute each chunk's logits and turn them into its gradients.
-    Differentiable in hidden (N, H), weight (V, H) and bias (V,); every other input is data."""
+    Differentiable in hidden (N, H), weight (V, H) and bias (V,); every other input is data.
+
+    Tensor parallel (`shard`, a `ShardedVocab`): weight and bias are this rank's vocabulary slice; the
+    partial statistics of every chunk are merged once for the whole batch (2 collectives); the backward
+    has none, but for the SUM of the hidden gradient over the group when `reduce_group` is given."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, batch: FlatBatch, seg, cfg: LossConfig, plan: ChunkPlan, backend, grad_on):
+    def forward(
+        ctx, hidden, weight, bias, batch: FlatBatch, seg, cfg: LossConfig, plan: ChunkPlan, backend, grad_on,
+        shard=None, reduce_group=None,
+    ):  # fmt: skip
         n = batch.num_tokens
-        stats = VocabStats(*(torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)))
+        vocab = backend if shard is None else shard
+        if shard is None:
+            stats = VocabStats(*(torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)))
+        else:
+            partial = torch.empty(n, 5, dtype=torch.float32, device=hidden.device)
         for s, e in plan.bounds:
             logits = _chunk_logits(hidden[s:e], weight, bias)
-            chunk = backend.vocab_fwd(logits, batch.tokens[s:e], batch.mask[s:e], cfg.temperature)
-            for out, value in zip(stats, chunk):
-                out[s:e] = value
+            if shard is None:
+                chunk = backend.vocab_fwd(logits, batch.tokens[s:e], batch.mask[s:e], cfg.temperature)
+                for out, value in zip(stats, chunk):
+                    out[s:e] = value
+            else:
+                partial[s:e] = shard.partial(logits, batch.tokens[s:e], batch.mask[s:e], cfg.temperature)
             del logits
+        if shard is not None:
+            stats = shard.merge(partial, batch.mask)
         step = objective_fwd(stats.logp, stats.entropy, seg, batch, cfg, backend=backend)
         ctx.save_for_backward(hidden, weight, bias, batch.tokens, batch.mask, *stats, *step.saved)
         ctx.cfg, ctx.plan, ctx.backend = cfg, plan, backend
+        ctx.vocab, ctx.stats_type, ctx.reduce_group = vocab, type(stats), reduce_group
         ctx.needs = _needs(ctx, grad_on)
         metrics = tuple(finalize_metrics(step.metric_sums).values())
         ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
@@ -239,20 +257,23 @@ class TwoPhaseFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        hidden, weight, bias, tokens, mask, logp, entropy, lse, *saved = ctx.saved_tensors
+        hidden, weight, bias, tokens, mask, *rest = ctx.saved_tensors
+        n_stats = len(ctx.stats_type._fields)
+        stats, saved = ctx.stats_type(*rest[:n_stats]), rest[n_stats:]
         cfg, backend = ctx.cfg, ctx.backend
         grad_logp, grad_entropy = objective_bwd(saved, grad_loss, cfg, backend)
-        stats = VocabStats(logp, entropy, lse)
         grads = _Grads.empty(hidden, weight, bias, ctx.needs)
         for s, e in ctx.plan.bounds:
             logits = _chunk_logits(hidden[s:e], weight, bias)
-            dlogits = backend.vocab_bwd(
-                logits, tokens[s:e], mask[s:e], VocabStats(*(t[s:e] for t in stats)), grad_logp[s:e],
+            dlogits = ctx.vocab.vocab_bwd(
+                logits, tokens[s:e], mask[s:e], ctx.stats_type(*(t[s:e] for t in stats)), grad_logp[s:e],
                 _rows_of(grad_entropy, s, e), cfg.temperature, inplace=True,
             )  # fmt: skip
             grads.add_chunk(dlogits, hidden[s:e], mask[s:e], weight, s, e)
             del logits, dlogits
-        return (*grads.finish(None, hidden, weight, bias), None, None, None, None, None, None)
+        if ctx.reduce_group is not None:  # reduce_hidden_grad=True: the full hidden gradient on every rank
+            reduce_hidden(grads.hidden, ctx.reduce_group)
+        return (*grads.finish(None, hidden, weight, bias), None, None, None, None, None, None, None, None)
 
 
 class SinglePassFunction(torch.autograd.Function):
@@ -368,13 +389,32 @@ def sspo_loss_from_hidden(
         whole rows), or a flat (N, H) batch of at most `chunk_size` tokens (one chunk), or a packed
         batch whose `cu_seqlens` is a CPU tensor (chunks of whole responses, planned on the host);
         and no response is longer than `chunk_size`.
-    Otherwise the two-phase schedule runs (one more matmul per chunk, in the backward). With the
+    Otherwise the two-phase schedule runs (one more matmul per chunk, in the backward).
+
+    Tensor parallel (docs/distributed.md): with `tp_group`, weight (and bias) are this rank's rows
+    [vocab_start, vocab_start + V_local) of the output projection (vocab_start defaults to
+    rank * V_local) and tokens are global ids; the two-phase schedule runs, with two collectives in the
+    forward for the whole batch. The weight and bias gradients are those of the local slice; the
+    hidden gradient is this rank's partial sum, or with `reduce_hidden_grad=True` its SUM over the
+    group (one all-reduce of N x H in the backward). With the
     single-pass schedule the gradients are computed during the forward whenever an input requires
     grad and grad mode is on, and a second backward through the same graph is refused.
     """
     opts = SSPO_LOSS_FROM_HIDDEN_OPTIONS.parse("sspo_loss_from_hidden", options)
     cfg = config_of(opts)
     layout = hidden_layout(hidden, weight, bias, opts["cu_seqlens"])
+    shard, reduce_group = None, None
+    if opts["tp_group"] is None and flag("reduce_hidden_grad", opts["reduce_hidden_grad"]):
+        raise ValueError("reduce_hidden_grad=True needs tp_group (it sums the hidden gradient over that group)")
+    if opts["tp_group"] is not None or opts["vocab_start"] is not None:
+        full = opts["boundary"].shape[0] if isinstance(opts["boundary"], torch.Tensor) else None
+        shard = sharded_vocab(
+            opts, layout.vocab_size, layout.device, resolve_backend_name(opts["backend"], layout.device), full
+        )
+        reduce_group = opts["tp_group"] if flag("reduce_hidden_grad", opts["reduce_hidden_grad"]) else None
+        layout = replace(layout, vocab_size=full)  # tokens are global ids; the owner count checks them
+        if opts["single_pass"] is True:
+            raise ValueError("single_pass=True is not possible with tp_group: the statistics are merged over the group")
     batch = prepare_inputs(cfg, layout, tokens, old_logprobs, advantages, mask, **{k: opts[k] for k in INPUT_NAMES})
     chunk_size, single_pass = opts["chunk_size"], opts["single_pass"]
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -382,14 +422,18 @@ def sspo_loss_from_hidden(
     if single_pass is not None and not isinstance(single_pass, bool):
         raise TypeError(f"single_pass must be a bool or None, got {type(single_pass).__name__}")
     chunk = chunk_size or linear_chunk_tokens(layout.vocab_size, layout.device)
-    plan = plan_chunks(cfg, layout.token_shape, opts["cu_seqlens"], chunk, single_pass)
+    plan = plan_chunks(cfg, layout.token_shape, opts["cu_seqlens"], chunk, False if shard else single_pass)
     # the torch vocabulary pass takes a whole chunk per step
     backend = get_backend(opts["backend"], layout.device, chunk_size=_rows(plan.bounds))
     seg = batch_segment_ids(batch, cfg.granularity)
-    function = SinglePassFunction if plan.single_pass else TwoPhaseFunction
-    loss, logp, entropy, *metrics = function.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, batch, seg, cfg, plan, backend, torch.is_grad_enabled()
-    )
+    args = (hidden.reshape(-1, hidden.shape[-1]), weight, bias, batch, seg, cfg, plan, backend, torch.is_grad_enabled())
+    if shard is not None:
+        loss, logp, entropy, *metrics = TwoPhaseFunction.apply(
+            *args, replace(shard, chunk_size=_rows(plan.bounds)), reduce_group
+        )
+    else:
+        function = SinglePassFunction if plan.single_pass else TwoPhaseFunction
+        loss, logp, entropy, *metrics = function.apply(*args)
     return make_output(cfg, batch, loss, logp, entropy, metrics)
 
 

@@ -17,6 +17,7 @@ import torch
 
 from sspo_kernels._options import (
     CONFIG_FIELDS,
+    DISTRIBUTED_OPTIONS,
     LOGITS_OPTIONS,
     LOSS_OPTIONS,
     OptionSet,
@@ -24,7 +25,8 @@ from sspo_kernels._options import (
     flag,
     make_config,
 )
-from sspo_kernels._types import METRIC_NAMES, FlatBatch, Layout, LossConfig, SSPOOutput, VocabStats
+from sspo_kernels._parallel import is_parallel, parallel_logits_layout
+from sspo_kernels._types import METRIC_NAMES, FlatBatch, Layout, LossConfig, SSPOOutput
 from sspo_kernels._validate import logits_layout, prepare_inputs
 from sspo_kernels.backend import Backend, get_backend
 from sspo_kernels.ops.objective import finalize_metrics, make_output, objective_bwd, objective_fwd
@@ -32,32 +34,44 @@ from sspo_kernels.ops.segment.ids import batch_segment_ids
 
 # The per-call tensors every entry point passes to `prepare_inputs` by name.
 INPUT_NAMES = ("boundary", "segment_ids", "cu_seqlens", "ref_logprobs", "normalizer", "norm_len")
-SSPO_LOSS_OPTIONS = OptionSet(LOSS_OPTIONS, LOGITS_OPTIONS)
+SSPO_LOSS_OPTIONS = OptionSet(LOSS_OPTIONS, LOGITS_OPTIONS, DISTRIBUTED_OPTIONS)
 
 
 class SSPOLossFunction(torch.autograd.Function):
-    """Differentiable in `logits` only; every other input is data."""
+    """Differentiable in `logits` only; every other input is data.
+
+    `parallel` (multi-process forms, docs/distributed.md): its `vocab` replaces the backend's vocabulary
+    pass by the tensor-parallel one, its `seq` gathers the local rows' statistics into the whole batch
+    before the segment step and takes the local rows' coefficients back in backward (no collective)."""
 
     @staticmethod
-    def forward(ctx, logits, batch: FlatBatch, seg, cfg: LossConfig, backend: Backend, inplace: bool):
-        stats = backend.vocab_fwd(logits, batch.tokens, batch.mask, cfg.temperature)
-        step = objective_fwd(stats.logp, stats.entropy, seg, batch, cfg, backend=backend)
-        ctx.save_for_backward(logits, batch.tokens, batch.mask, *stats, *step.saved)
+    def forward(ctx, logits, batch: FlatBatch, seg, cfg: LossConfig, backend: Backend, inplace: bool, parallel=None):
+        vocab = backend if parallel is None or parallel.vocab is None else parallel.vocab
+        sp = None if parallel is None else parallel.seq
+        tokens, mask = (batch.tokens, batch.mask) if sp is None else (sp.rows(batch.tokens), sp.rows(batch.mask))
+        stats = vocab.vocab_fwd(logits, tokens, mask, cfg.temperature)
+        logp, entropy = (stats.logp, stats.entropy) if sp is None else sp.gather(stats.logp, stats.entropy)
+        step = objective_fwd(logp, entropy, seg, batch, cfg, backend=backend)
+        ctx.save_for_backward(logits, tokens, mask, *stats, *step.saved)
         ctx.cfg, ctx.backend, ctx.inplace = cfg, backend, inplace
+        ctx.vocab, ctx.sp, ctx.stats_type = vocab, sp, type(stats)
         metrics = tuple(finalize_metrics(step.metric_sums).values())
         ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
-        ctx.mark_non_differentiable(stats.logp, stats.entropy, *metrics)
-        return (step.loss, stats.logp, stats.entropy, *metrics)
+        ctx.mark_non_differentiable(logp, entropy, *metrics)
+        return (step.loss, logp, entropy, *metrics)
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        logits, tokens, mask, logp, entropy, lse, *saved = ctx.saved_tensors
+        logits, tokens, mask, *rest = ctx.saved_tensors
+        n_stats = len(ctx.stats_type._fields)
+        stats, saved = ctx.stats_type(*rest[:n_stats]), rest[n_stats:]
         grad_logp, grad_entropy = objective_bwd(saved, grad_loss, ctx.cfg, ctx.backend)
-        stats = VocabStats(logp, entropy, lse)
-        grad = ctx.backend.vocab_bwd(
+        if ctx.sp is not None:  # this rank's rows
+            grad_logp, grad_entropy = ctx.sp.local(grad_logp), ctx.sp.local(grad_entropy)
+        grad = ctx.vocab.vocab_bwd(
             logits, tokens, mask, stats, grad_logp, grad_entropy, ctx.cfg.temperature, inplace=ctx.inplace
         )
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 @SSPO_LOSS_OPTIONS.signature
@@ -81,18 +95,24 @@ def sspo_loss(
     logits buffer (do not reuse the logits afterwards). `backend`: "triton", "torch" (chunked
     PyTorch; `chunk_size` rows per chunk, `compile_chunks=True` runs each chunk's maths through
     torch.compile) or "auto" (Triton for CUDA tensors, else torch).
+    Multi-process forms (docs/distributed.md): `tp_group` (+ `vocab_start`) when logits are this rank's
+    vocabulary slice, `sp_group` + `sp_index` when they are this rank's rows of the whole batch.
     See the README for every option and its default.
     """
     opts = SSPO_LOSS_OPTIONS.parse("sspo_loss", options)
     cfg = config_of(opts)
-    logits, layout = logits_layout(logits)
+    parallel = None
+    if is_parallel(opts):
+        logits, layout, parallel = parallel_logits_layout(opts, logits, tokens, opts["backend"])
+    else:
+        logits, layout = logits_layout(logits)
     batch = prepare_inputs(cfg, layout, tokens, old_logprobs, advantages, mask, **{k: opts[k] for k in INPUT_NAMES})
     inplace = flag("inplace_backward", opts["inplace_backward"])
     backend = get_backend(
         opts["backend"], layout.device, chunk_size=opts["chunk_size"], compile_chunks=opts["compile_chunks"]
     )
     seg = batch_segment_ids(batch, cfg.granularity)
-    loss, logp, entropy, *metrics = SSPOLossFunction.apply(logits, batch, seg, cfg, backend, inplace)
+    loss, logp, entropy, *metrics = SSPOLossFunction.apply(logits, batch, seg, cfg, backend, inplace, parallel)
     return make_output(cfg, batch, loss, logp, entropy, metrics)
 
 
@@ -106,7 +126,7 @@ class LossModule(torch.nn.Module):
 
     LOSS: Callable[..., SSPOOutput]
     OPTIONS: OptionSet
-    PER_CALL = frozenset(INPUT_NAMES) - {"boundary"}
+    PER_CALL = (frozenset(INPUT_NAMES) - {"boundary"}) | {"sp_index"}
 
     def __init__(self, granularity: str = "subsentence", *, boundary: torch.Tensor | None = None, **options):
         super().__init__()

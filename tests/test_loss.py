@@ -113,6 +113,7 @@ OPTION_SETS = {
     "clamp-binds": dict(log_ratio_clamp=0.15),
     "fixed-entropy-ref-low-only": dict(entropy_ref=1.3, entropy_gamma=2.0, adapt_high=False),
     "entropy-ref-zero": dict(entropy_ref=0.0, entropy_gamma=1.0),
+    "entropy-ref-tensor": dict(entropy_ref=torch.tensor([1.7]), entropy_gamma=1.5),
     "caller-normalizer": dict(normalizer=17.0),
     "normalizer-tensor-seq-mean": dict(normalizer=torch.tensor(5.0), loss_agg_mode="seq-mean-token-mean"),
     "norm-len": dict(loss_agg_mode="seq-mean-token-sum-norm", norm_len=64),

@@ -86,6 +86,8 @@ def objective_fwd(
     else:
         if cfg.entropy_ref == "batch":
             h_ref = entropy.sum() / n_tokens.clamp(min=1)  # detached: the kernels' entropy carries no graph
+        elif isinstance(cfg.entropy_ref, torch.Tensor):  # 0-d, e.g. distributed.global_entropy_mean: no sync
+            h_ref = cfg.entropy_ref.to(rho.device, torch.float32)
         else:
             h_ref = torch.full((), cfg.entropy_ref, device=rho.device)  # a fill: no host copy, capturable
         k_raw = ((sums[:, 1] / n_seg) / h_ref).pow(cfg.entropy_gamma).clamp(cfg.k_min, cfg.k_max)
