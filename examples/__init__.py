@@ -1,0 +1,1 @@
+"""Runnable examples of sspo_kernels (`python -m examples.toy_rl`)."""
