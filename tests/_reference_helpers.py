@@ -20,6 +20,7 @@ from _cases import Batch, segment_labels
 
 from reference import sspo_loss
 from sspo_kernels import METRIC_NAMES as METRICS
+from sspo_kernels._options import AGG_MODES as AGG_MODES  # re-exported for the test_reference_* files
 
 F64 = torch.float64
 EXACT = 1e-12  # two float64 computations of the same formula agree to rounding
