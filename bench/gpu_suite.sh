@@ -10,6 +10,7 @@
 #   aot      python -m sspo_kernels.aot (CPU only: runs in the background during the tests)
 #                                                                  -> aot.txt
 #   pytest   pytest -m gpu tests/                                  -> pytest_gpu.log, pytest_gpu.xml
+#   launches python -m bench.launches --time                     -> launches.json, launches.log
 #   bench    python -m bench.run --suite gpu                       -> bench/ (CSV, JSON, table, plots), bench.log
 #   summary  all of the above in one page                          -> SUMMARY.md
 # Worst case about 9.5 minutes (the step timeouts below); typically much less.
@@ -31,7 +32,8 @@ export TRITON_CACHE_DIR="$OUT/triton_cache"
 
 PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-210}
 AOT_TIMEOUT=${AOT_TIMEOUT:-240}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-270}
+LAUNCH_TIMEOUT=${LAUNCH_TIMEOUT:-90}
 
 STEPS="$OUT/steps.log"
 : > "$STEPS"
@@ -101,10 +103,14 @@ AOT_WHAT="exit $AOT_RC"
 log "end   aot: $AOT_WHAT, $((SECONDS - AOT_START))s since its start"
 echo "aot: $AOT_WHAT, $((SECONDS - AOT_START))s (overlapped with pytest)" >> "$OUT/status.txt"
 
+# Launch counts per option set, the segment step alone (fused vs composed) and a CUDA-graph replay of
+# forward + backward against eager calls (bf16, N = 8192, V = 151,936).
+run_step launches "$LAUNCH_TIMEOUT" "$OUT/launches.log" "$PY" -m bench.launches --time --out "$OUT"
+
 # The Triton and fused-linear paths at the sizes of the issues; the torch backend is left out (it
 # is the CPU path; its chunks are sized for a CPU cache). The AOT report is the step above.
 run_step bench "$BENCH_TIMEOUT" "$OUT/bench.log" \
-    "$PY" -m bench.run --suite gpu --device cuda --out "$OUT/bench" --aot off \
+    "$PY" -m bench.run --suite gpu --device cuda --out "$OUT/bench" --aot off --launches off \
     --paths baseline triton triton-inplace baseline-linear fused-linear
 
 {
@@ -130,6 +136,12 @@ run_step bench "$BENCH_TIMEOUT" "$OUT/bench.log" \
     echo
     echo '```'
     cat "$OUT/aot.txt" 2>/dev/null
+    echo '```'
+    echo
+    echo "## Launch counts and segment-step / CUDA-graph timings (python -m bench.launches --time)"
+    echo
+    echo '```'
+    cat "$OUT/launches.log" 2>/dev/null
     echo '```'
     echo
     echo "## Benchmark (bench/table.txt; CSV, JSON and plots in bench/)"

@@ -80,9 +80,9 @@ class FlatBatch:
     tokens: torch.Tensor  # (N,) int64, -100 allowed where masked out
     mask: torch.Tensor  # (N,) bool
     old_logprobs: torch.Tensor | None  # (N,) floating; None: on-policy (the rollout policy is the current one)
-    advantages: torch.Tensor  # (N,) floating, broadcast from per-response values when needed
+    advantages: torch.Tensor  # (N,) floating, broadcast from per-response values (B,) unless `lean`
     ref_logprobs: torch.Tensor | None  # (N,) floating
-    response_ids: torch.Tensor  # (N,) int64 response index of each token
+    response_ids: torch.Tensor | None  # (N,) int64 response index of each token; None when `lean`
     segment_ids: torch.Tensor | None  # (N,) int64, caller-given ids for granularity "segments"
     boundary: torch.Tensor | None  # (V,) bool
     num_responses: int
@@ -91,6 +91,11 @@ class FlatBatch:
     normalizer: torch.Tensor | None  # 0-d float32 caller-given normaliser, or None
     norm_len: float | None
     cu_seqlens: torch.Tensor | None = None  # (B + 1,) int64 on the device, for a packed batch
+    # lean: for a fused segment step that numbers the responses and bounds the token ids itself
+    # (`ops/objective_triton.py`): response_ids is None, advantages may stay (B,) per response, and
+    # token_bound (V) is still to be checked at masked-in tokens
+    lean: bool = False
+    token_bound: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -67,9 +67,14 @@ def device_check(ok: torch.Tensor, message: str) -> None:
 
 
 def response_layout(
-    token_shape: torch.Size | tuple[int, ...], cu_seqlens: torch.Tensor | None, device: torch.device
-) -> tuple[int, int | None, torch.Tensor]:
-    """(number of responses, padded length T or None when packed, (N,) int64 response id of each token).
+    token_shape: torch.Size | tuple[int, ...],
+    cu_seqlens: torch.Tensor | None,
+    device: torch.device,
+    *,
+    with_ids: bool = True,
+) -> tuple[int, int | None, torch.Tensor | None]:
+    """(number of responses, padded length T or None when packed, (N,) int64 response id of each token,
+    or None without `with_ids`).
 
     Responses are the rows of a padded `(B, T)` batch, the `cu_seqlens` spans of a packed `(total,)`
     one, or a single response for a flat `(N,)` batch without `cu_seqlens`.
@@ -86,11 +91,16 @@ def response_layout(
         cu = _side_table("cu_seqlens", cu, device).long()
         ok = (cu[0] == 0) & (cu[-1] == n) & (cu[1:] >= cu[:-1]).all()
         device_check(ok, f"cu_seqlens must start at 0, be non-decreasing and end at the token count {n}")
-        return cu.numel() - 1, None, torch.searchsorted(cu[1:], torch.arange(n, device=device), right=True)
+        ids = torch.searchsorted(cu[1:], torch.arange(n, device=device), right=True) if with_ids else None
+        return cu.numel() - 1, None, ids
     if len(token_shape) == 2:
         batch, seq_len = token_shape
-        return batch, seq_len, torch.arange(n, device=device) // max(seq_len, 1)
-    return 1, n, torch.zeros(n, dtype=torch.int64, device=device)
+        return batch, seq_len, torch.arange(n, device=device) // max(seq_len, 1) if with_ids else None
+    return 1, n, torch.zeros(n, dtype=torch.int64, device=device) if with_ids else None
+
+
+def token_range_message(bound: int) -> str:
+    return f"tokens must lie in [0, {bound}) at masked-in positions (ids outside are allowed only where mask is 0)"
 
 
 def logits_layout(logits: object) -> tuple[torch.Tensor, Layout]:
@@ -142,9 +152,14 @@ def logprobs_layout(logprobs: object, entropy: object) -> Layout:
 
 
 def _advantages(
-    advantages: object, token_shape: torch.Size, num_responses: int, response_ids: torch.Tensor, device: torch.device
+    advantages: object,
+    token_shape: torch.Size,
+    num_responses: int,
+    response_ids: torch.Tensor | None,
+    device: torch.device,
 ) -> torch.Tensor:
-    """(N,) advantages from per-token or per-response values."""
+    """(N,) advantages from per-token or per-response values; per-response ones stay (B,) without
+    `response_ids` (a lean batch)."""
     adv = _tensor("advantages", advantages)
     _same_device("advantages", adv, device)
     if not adv.is_floating_point():
@@ -153,6 +168,8 @@ def _advantages(
     # Shaped like tokens means per token, also in the ambiguous case of a packed batch with N == B.
     if adv.shape == token_shape:
         return adv.reshape(-1)
+    elif adv.shape == (num_responses,) and response_ids is None:
+        return adv
     elif adv.shape == (num_responses,):
         return adv[response_ids.clamp(max=max(num_responses - 1, 0))] if n else adv[:0]
     else:
@@ -176,11 +193,13 @@ def prepare_inputs(
     ref_logprobs: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
     norm_len: int | float | None = None,
+    lean: bool = False,
 ) -> FlatBatch:
     """Check every tensor argument against the layout and flatten the per-token ones to `(N,)`.
 
     `old_logprobs=None` means on-policy: the rollout policy is the current one; `advantages=None` is
-    for callers that only label segments (`sspo_kernels.segment_ids`)."""
+    for callers that only label segments (`sspo_kernels.segment_ids`). `lean=True` leaves to a fused
+    segment step what it does itself (see `FlatBatch.lean`): fewer device ops."""
     device, token_shape = layout.device, torch.Size(layout.token_shape)
     vocab = layout.vocab_size
 
@@ -196,9 +215,11 @@ def prepare_inputs(
         raise TypeError(f"mask must be bool or 0/1 numbers, got {mask.dtype}")
     mask_f = mask.reshape(-1) != 0
 
-    num_responses, seq_len, response_ids = response_layout(token_shape, cu_seqlens, device)
+    num_responses, seq_len, response_ids = response_layout(token_shape, cu_seqlens, device, with_ids=not lean)
 
-    adv_f = None if advantages is None else _advantages(advantages, token_shape, num_responses, response_ids, device)
+    adv_f = None
+    if advantages is not None:
+        adv_f = _advantages(advantages, token_shape, num_responses, response_ids, device)
 
     ref_f = None
     if cfg.beta > 0 and ref_logprobs is None:
@@ -234,12 +255,9 @@ def prepare_inputs(
 
     # with log-probs given directly only the boundary table bounds the ids (a lookup index)
     bound = vocab if vocab is not None else boundary.shape[0] if boundary is not None else None
-    if bound is not None:
+    if bound is not None and not lean:
         in_range = (tokens_f >= 0) & (tokens_f < bound)
-        device_check(
-            (in_range | ~mask_f).all(),
-            f"tokens must lie in [0, {bound}) at masked-in positions (ids outside are allowed only where mask is 0)",
-        )
+        device_check((in_range | ~mask_f).all(), token_range_message(bound))
 
     norm_t = None
     if normalizer is not None:
@@ -280,4 +298,6 @@ def prepare_inputs(
         normalizer=norm_t,
         norm_len=norm_len,
         cu_seqlens=None if cu_seqlens is None else _side_table("cu_seqlens", cu_seqlens, device).long(),
+        lean=lean,
+        token_bound=bound,
     )

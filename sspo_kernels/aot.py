@@ -110,7 +110,40 @@ def _kernel_specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], torc
     for block_k in (1, 4):
         constexprs = {"BLOCK_T": SEGMENT_BLOCK_T, "BLOCK_K": block_k}
         specs.append(("segment_sum", segment_sum_kernel, seg_sum, constexprs, torch.float32, SEGMENT_NUM_WARPS))
+    specs += _segment_step_specs()
     return specs
+
+
+def _segment_step_specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], torch.dtype, int]]:
+    """The fused segment step: every granularity and scalar aggregation mode, every option on at once
+    (packed, KL, dual clip, normaliser, tensor entropy_ref, entropy bonus), and the token-form ratio
+    gradient on-policy with per-token advantages and a fixed entropy reference."""
+    from sspo_kernels.ops.objective_triton import AGG_IDS, STEP_BLOCK_T, STEP_NUM_WARPS, segment_step_fwd_kernel
+
+    pointers = {
+        **{p: "*fp32" for p in ("logp_ptr", "entropy_ptr", "old_ptr", "adv_ptr", "ref_ptr")},
+        "mask_ptr": "*i1", "tokens_ptr": "*i64", "boundary_ptr": "*i1", "given_ptr": "*i64", "cu_ptr": "*i64",
+        "norm_ptr": "*fp32", "h_ref_ptr": "*fp32", "iws_ptr": "*i32",
+        **{p: "*fp32" for p in ("fws_ptr", "grad_logp_ptr", "grad_entropy_ptr", "out_ptr")},
+        "nseg_ptr": "*i64",
+    }  # fmt: skip
+    scalars = ("clamp_c", "eps_low", "eps_high", "gamma", "k_min", "k_max", "h_ref_num", "dual_clip", "beta")
+    signature = {**pointers, **dict.fromkeys(("N", "T", "B", "V"), "i32"), **dict.fromkeys(scalars, "fp32")}
+    signature.update(ent_coef="fp32", norm_len="fp32")
+    default = dict(
+        GRANULARITY=2, AGG=0, RATIO_EXACT=True, ON_POLICY=False, ADV_PER_RESPONSE=True, CHECK_TOKENS=True,
+        PACKED=False, HAS_KL=False, HAS_DUAL=False,
+        HAS_NORMALIZER=False, ENTROPY_REF=0, ADAPTS=True, ADAPT_LOW=True, ADAPT_HIGH=True, HAS_ENT_COEF=False,
+        BLOCK_T=STEP_BLOCK_T,
+    )  # fmt: skip
+    everything = dict(PACKED=True, HAS_KL=True, HAS_DUAL=True, HAS_NORMALIZER=True, ENTROPY_REF=2, HAS_ENT_COEF=True)
+    aggs = AGG_IDS  # each granularity and each aggregation mode at least once
+    variants = [dict(GRANULARITY=0, AGG=aggs["sum"]), dict(GRANULARITY=1, AGG=aggs["seq-mean-token-mean"])]
+    variants += [dict(GRANULARITY=2), dict(GRANULARITY=3, AGG=aggs["seq-mean-token-sum"])]
+    variants += [dict(everything, AGG=aggs["seq-mean-token-sum-norm"]), dict(everything, GRANULARITY=3)]
+    variants += [dict(RATIO_EXACT=False, ON_POLICY=True, ENTROPY_REF=1, GRANULARITY=1, ADV_PER_RESPONSE=False)]
+    kernel = segment_step_fwd_kernel
+    return [("segment_step", kernel, signature, {**default, **v}, torch.float32, STEP_NUM_WARPS) for v in variants]
 
 
 def _jit_function(kernel: Any) -> Any:
@@ -189,11 +222,11 @@ def _compile_job(job: tuple[int, int, int]) -> dict[str, Any]:
     """Compile one (configuration, target, alignment) and measure it; a compile error is part of the row."""
     index, cc, align = job
     name, kernel, signature, constexprs, dtype, num_warps = _kernel_specs()[index]
-    variant = ",".join(f"{k}={int(v)}" for k, v in constexprs.items() if isinstance(v, bool)) or "-"
+    variant = ",".join(f"{k}={int(v)}" for k, v in constexprs.items() if not k.startswith("BLOCK_")) or "-"
     row: dict[str, Any] = {
         "kernel": name,
         "dtype": _TRITON_TYPE[dtype],
-        "block_v": constexprs.get("BLOCK_V", f"{constexprs.get('BLOCK_T')}x{constexprs.get('BLOCK_K')}"),
+        "block_v": "x".join(str(v) for k, v in constexprs.items() if k.startswith("BLOCK_")),
         "num_warps": num_warps,
         "variant": variant,
         "align": align,

@@ -1,7 +1,8 @@
 """Backends: one implementation of each op the loss needs, chosen once per call.
 
 A `Backend` bundles the vocabulary pass (forward: per-token log-prob, entropy and lse; backward: the
-gradient with respect to the logits) and the segmented sum. `get_backend("triton" | "torch" | "auto")`
+gradient with respect to the logits), the segmented sum and, on Triton, the whole segment step in
+one kernel (`ops/objective_triton.py`). `get_backend("triton" | "torch" | "auto")`
 builds one from the implementations that sit side by side in `ops/vocab/` and `ops/segment/`. Every
 caller goes through the two methods below, so the backward always receives the forward's statistics
 (the log-probs included) and `grad_entropy=None` whenever there is no entropy term.
@@ -26,6 +27,12 @@ class Backend:
     vocab_fwd_impl: Callable  # (logits, tokens, mask, temperature) -> (logp, entropy, lse)
     vocab_bwd_impl: Callable  # the launchers' common backward signature (see `vocab_bwd`)
     segment_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (values (N, K), seg (N,)) -> (N, K)
+    # the whole segment step of a scalar loss in one op, or None: `ops/objective.py` composes it
+    segment_step: Callable | None = None  # (logp, entropy, batch, cfg) -> (loss, grad_logp, grad_entropy, metrics)
+
+    def fuses_step(self, loss_agg_mode: str) -> bool:
+        """Whether `segment_step` computes the step (every scalar `loss_agg_mode`; "none" is composed)."""
+        return self.segment_step is not None and loss_agg_mode != "none"
 
     def vocab_fwd(
         self, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, temperature: float
@@ -89,10 +96,14 @@ def get_backend(
     flag("compile_chunks", compile_chunks)
     name = resolve_backend_name(backend, device)
     if name == "triton":
+        from sspo_kernels.ops import objective_triton
         from sspo_kernels.ops.segment import triton as segment
         from sspo_kernels.ops.vocab import triton as vocab
 
-        return Backend("triton", vocab.logprob_entropy_fwd, vocab.logprob_entropy_bwd, segment.segment_sum)
+        return Backend(
+            "triton", vocab.logprob_entropy_fwd, vocab.logprob_entropy_bwd, segment.segment_sum,
+            objective_triton.segment_step_fwd,
+        )  # fmt: skip
     from sspo_kernels.ops.segment import torch as segment
     from sspo_kernels.ops.vocab import torch as vocab
 

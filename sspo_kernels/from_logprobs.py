@@ -16,7 +16,7 @@ from sspo_kernels._types import FlatBatch, LossConfig, SSPOOutput
 from sspo_kernels._validate import logprobs_layout, prepare_inputs
 from sspo_kernels.backend import Backend, get_backend
 from sspo_kernels.loss import INPUT_NAMES, LossModule
-from sspo_kernels.ops.objective import finalize_metrics, make_output, objective_bwd, objective_fwd
+from sspo_kernels.ops.objective import make_output, objective_bwd, segment_step
 from sspo_kernels.ops.segment.ids import batch_segment_ids
 
 SSPO_LOSS_FROM_LOGPROBS_OPTIONS = OptionSet(LOSS_OPTIONS, LOGPROBS_OPTIONS)
@@ -31,14 +31,13 @@ class LogprobsLossFunction(torch.autograd.Function):
         zero = torch.zeros((), dtype=torch.float32, device=mask.device)
         logp = torch.where(mask, logprobs.float(), zero)
         ent = torch.where(mask, entropy.float(), zero) if entropy is not None else torch.zeros_like(logp)
-        step = objective_fwd(logp, ent, seg, batch, cfg, backend=backend)
-        ctx.save_for_backward(*step.saved)
+        loss, saved, metrics = segment_step(logp, ent, seg, batch, cfg, backend)  # seg None: fused
+        ctx.save_for_backward(*saved)
         ctx.cfg, ctx.backend = cfg, backend
         ctx.dtypes = (logprobs.dtype, None if entropy is None else entropy.dtype)
-        metrics = tuple(finalize_metrics(step.metric_sums).values())
         ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
         ctx.mark_non_differentiable(logp, ent, *metrics)
-        return (step.loss, logp, ent, *metrics)
+        return (loss, logp, ent, *metrics)
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
@@ -70,7 +69,7 @@ def sspo_loss_from_logprobs(
     needs it (no entropy adaptation of the clip bounds and no entropy bonus); it is needed for the
     adaptive clip as data and, with `entropy_coef > 0`, receives the bonus's gradient if it requires
     grad. Every other argument, option and the returned `SSPOOutput` are those of `sspo_loss`
-    (`backend` picks the segmented sum only; `boundary` bounds the token ids).
+    (`backend` picks the segment step's implementation; `boundary` bounds the token ids).
     """
     opts = SSPO_LOSS_FROM_LOGPROBS_OPTIONS.parse("sspo_loss_from_logprobs", options)
     cfg = config_of(opts)
@@ -80,9 +79,11 @@ def sspo_loss_from_logprobs(
     if entropy is None and (adapts or cfg.entropy_coef > 0):
         raise ValueError("entropy is needed for the entropy-adaptive clip bounds and the entropy bonus")
     layout = logprobs_layout(logprobs, entropy)
-    batch = prepare_inputs(cfg, layout, tokens, old_logprobs, advantages, mask, **{k: opts[k] for k in INPUT_NAMES})
     backend = get_backend(opts["backend"], layout.device)
-    seg = batch_segment_ids(batch, cfg.granularity)
+    fused = backend.fuses_step(cfg.loss_agg_mode)  # the step numbers segments and checks tokens itself
+    inputs = {k: opts[k] for k in INPUT_NAMES}
+    batch = prepare_inputs(cfg, layout, tokens, old_logprobs, advantages, mask, **inputs, lean=fused)
+    seg = None if fused else batch_segment_ids(batch, cfg.granularity)
     flat = lambda t: None if t is None else t.reshape(-1)
     loss, logp, ent, *metrics = LogprobsLossFunction.apply(flat(logprobs), flat(entropy), batch, seg, cfg, backend)
     return make_output(cfg, batch, loss, logp, ent, metrics)

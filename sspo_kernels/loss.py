@@ -29,7 +29,7 @@ from sspo_kernels._parallel import is_parallel, parallel_logits_layout
 from sspo_kernels._types import METRIC_NAMES, FlatBatch, Layout, LossConfig, SSPOOutput
 from sspo_kernels._validate import logits_layout, prepare_inputs
 from sspo_kernels.backend import Backend, get_backend
-from sspo_kernels.ops.objective import finalize_metrics, make_output, objective_bwd, objective_fwd
+from sspo_kernels.ops.objective import make_output, objective_bwd, segment_step
 from sspo_kernels.ops.segment.ids import batch_segment_ids
 
 # The per-call tensors every entry point passes to `prepare_inputs` by name.
@@ -51,14 +51,13 @@ class SSPOLossFunction(torch.autograd.Function):
         tokens, mask = (batch.tokens, batch.mask) if sp is None else (sp.rows(batch.tokens), sp.rows(batch.mask))
         stats = vocab.vocab_fwd(logits, tokens, mask, cfg.temperature)
         logp, entropy = (stats.logp, stats.entropy) if sp is None else sp.gather(stats.logp, stats.entropy)
-        step = objective_fwd(logp, entropy, seg, batch, cfg, backend=backend)
-        ctx.save_for_backward(logits, tokens, mask, *stats, *step.saved)
+        loss, saved, metrics = segment_step(logp, entropy, seg, batch, cfg, backend)  # seg None: fused
+        ctx.save_for_backward(logits, tokens, mask, *stats, *saved)
         ctx.cfg, ctx.backend, ctx.inplace = cfg, backend, inplace
         ctx.vocab, ctx.sp, ctx.stats_type = vocab, sp, type(stats)
-        metrics = tuple(finalize_metrics(step.metric_sums).values())
         ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
         ctx.mark_non_differentiable(logp, entropy, *metrics)
-        return (step.loss, logp, entropy, *metrics)
+        return (loss, logp, entropy, *metrics)
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
@@ -106,12 +105,14 @@ def sspo_loss(
         logits, layout, parallel = parallel_logits_layout(opts, logits, tokens, opts["backend"])
     else:
         logits, layout = logits_layout(logits)
-    batch = prepare_inputs(cfg, layout, tokens, old_logprobs, advantages, mask, **{k: opts[k] for k in INPUT_NAMES})
     inplace = flag("inplace_backward", opts["inplace_backward"])
     backend = get_backend(
         opts["backend"], layout.device, chunk_size=opts["chunk_size"], compile_chunks=opts["compile_chunks"]
     )
-    seg = batch_segment_ids(batch, cfg.granularity)
+    fused = backend.fuses_step(cfg.loss_agg_mode)  # the step numbers segments and checks tokens itself
+    inputs = {k: opts[k] for k in INPUT_NAMES}
+    batch = prepare_inputs(cfg, layout, tokens, old_logprobs, advantages, mask, **inputs, lean=fused)
+    seg = None if fused else batch_segment_ids(batch, cfg.granularity)
     loss, logp, entropy, *metrics = SSPOLossFunction.apply(logits, batch, seg, cfg, backend, inplace, parallel)
     return make_output(cfg, batch, loss, logp, entropy, metrics)
 

@@ -141,6 +141,23 @@ def objective_fwd(
     return StepOutput(loss=loss, metric_sums=metric_sums, saved=saved)
 
 
+def segment_step(
+    logp: torch.Tensor,
+    entropy: torch.Tensor,
+    seg: torch.Tensor | None,
+    batch: FlatBatch,
+    cfg: LossConfig,
+    backend: Backend,
+) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...], tuple[torch.Tensor, ...]]:
+    """(loss, what `objective_bwd` needs, metrics in METRIC_NAMES order): the backend's fused step
+    (`Backend.segment_step`, one kernel) when `seg` is None, else the step composed here."""
+    if seg is None:
+        loss, grad_logp, grad_entropy, metrics = backend.segment_step(logp, entropy, batch, cfg)
+        return loss, (grad_logp, grad_entropy), metrics
+    step = objective_fwd(logp, entropy, seg, batch, cfg, backend=backend)
+    return step.loss, step.saved, tuple(finalize_metrics(step.metric_sums).values())
+
+
 def objective_bwd(
     saved: tuple[torch.Tensor | None, ...], grad_loss: torch.Tensor, cfg: LossConfig, backend: Backend
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

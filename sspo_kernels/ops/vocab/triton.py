@@ -383,25 +383,8 @@ def logprob_entropy_bwd(
         return grad_logits
     block_v, num_warps = _launch_config(v, logits.dtype, config)
     logprob_entropy_bwd_kernel[(num_rows,)](
-        logits,
-        tokens,
-        mask,
-        lse,
-        logp,
-        entropy,
-        grad_logp,
-        grad_entropy,
-        grad_logits,
-        row_start,
-        v,
-        t,
-        stride_b,
-        stride_t,
-        stride_gb,
-        stride_gt,
-        inv_tau,
-        BLOCK_V=block_v,
-        HAS_GRAD_ENTROPY=has_grad_entropy,
-        num_warps=num_warps,
-    )
+        logits, tokens, mask, lse, logp, entropy, grad_logp, grad_entropy, grad_logits,
+        row_start, v, t, stride_b, stride_t, stride_gb, stride_gt, inv_tau,
+        BLOCK_V=block_v, HAS_GRAD_ENTROPY=has_grad_entropy, num_warps=num_warps,
+    )  # fmt: skip
     return grad_logits
