@@ -20,17 +20,20 @@ import torch
 from sspo_kernels._options import make_config
 
 
-def _segment_ids(tokens, mask, granularity, boundary):
-    """(N,) segment slot of every token in [0, N): tokens of one response that share a slot share a segment.
+def _segment_ids(tokens, mask, granularity, boundary, response=None):
+    """(N,) segment slot of every token in [0, N + B): tokens that share a slot share a segment.
 
-    tokens, mask: (B, T). Within a response, the k-th segment holds the masked-in tokens preceded by
-    exactly k masked-in boundary tokens, so padding inside a response never splits a segment.
-    Masked-out tokens get some slot too; their contributions are multiplied by the mask.
+    tokens, mask: (B, T), or (1, N) with `response` (N,) the response id of each token of a packed
+    batch. Within a response, the k-th segment holds the masked-in tokens preceded by exactly k
+    masked-in boundary tokens, so padding inside a response never splits a segment. Masked-out
+    tokens get some slot too; their contributions are multiplied by the mask.
     """
     b, t = tokens.shape
     rows = torch.arange(b, device=tokens.device)[:, None] * t
+    if response is not None:
+        rows = response[None]  # slot = boundaries before the token in the whole batch + its response id
     if granularity == "token":
-        return (rows + torch.arange(t, device=tokens.device)).reshape(-1)
+        return torch.arange(b * t, device=tokens.device)
     if granularity == "sequence":
         return rows.expand(b, t).reshape(-1)
     ends = boundary[tokens.clamp(min=0)] & mask
@@ -48,15 +51,22 @@ def baseline_sspo_loss(
     granularity: str = "subsentence",
     boundary: torch.Tensor | None = None,
     temperature: float = 1.0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, logprobs, entropy, metrics) of docs/loss.md's default options, in eager fp32.
 
-    logits (B, T, V) or (N, V) (then one response); tokens, old_logprobs, mask shaped like logits
-    without V; advantages per response (B,) or per token. granularity: "subsentence" / "sentence"
-    (needs `boundary`, a (V,) bool table), "sequence" or "token".
+    logits (B, T, V), (N, V) (then one response) or (N, V) packed with `cu_seqlens` (B + 1,); tokens,
+    old_logprobs, mask shaped like logits without V; advantages per response (B,) or per token.
+    granularity: "subsentence" / "sentence" (needs `boundary`, a (V,) bool table), "sequence" or "token".
     """
     cfg = make_config(granularity, temperature=temperature)
     flat = logits.dim() == 2
+    response = None
+    if cu_seqlens is not None:
+        n = tokens.shape[0]
+        response = torch.searchsorted(cu_seqlens[1:], torch.arange(n, device=tokens.device), right=True)
+        if advantages.shape != tokens.shape:
+            advantages = advantages[response]
     if flat:
         if advantages.shape == tokens.shape:
             advantages = advantages[None]
@@ -76,13 +86,13 @@ def baseline_sspo_loss(
         entropy = -(log_probs.exp() * log_probs).sum(-1)
 
     # The segment part: per-segment sums with index_add over N slots.
-    seg = _segment_ids(tokens, mask, cfg.granularity, boundary)
+    seg = _segment_ids(tokens, mask, cfg.granularity, boundary, response)
     m = mask.reshape(-1).float()
     logp_f, ent_f = logp.reshape(-1), entropy.reshape(-1)
     old_f, adv_f = old_logprobs.reshape(-1).float(), advantages.reshape(-1).float()
     n = m.shape[0]
     n_tokens = m.sum().clamp(min=1)
-    zeros = torch.zeros(n, device=m.device)
+    zeros = torch.zeros(n + (0 if cu_seqlens is None else cu_seqlens.shape[0] - 1), device=m.device)
     count = zeros.index_add(0, seg, m)
     n_seg = count.clamp(min=1)
     log_ratio = zeros.index_add(0, seg, (logp_f - old_f) * m) / n_seg

@@ -35,13 +35,16 @@ LOG_RATIO_SCALE = 0.01
 
 @dataclass(frozen=True)
 class Case:
-    """One problem size. `hidden` set means the paths start from hidden states `(N, H)` and a `(V, H)` weight."""
+    """One problem size. `hidden` set means the paths start from hidden states `(N, H)` and a `(V, H)` weight.
+
+    `packed`: the N tokens are one `(N,)` batch of whole responses with `cu_seqlens`, no padding."""
 
     n: int
     v: int
     dtype: str = "fp32"
     granularity: str = "subsentence"
     hidden: int | None = None
+    packed: bool = False
 
     @property
     def kind(self) -> str:
@@ -62,7 +65,7 @@ class Case:
     @property
     def label(self) -> str:
         h = "" if self.hidden is None else f" H={self.hidden}"
-        return f"N={self.n}{h} V={self.v} {self.dtype} {self.granularity}"
+        return f"N={self.n}{h} V={self.v} {self.dtype} {self.granularity}{' packed' if self.packed else ''}"
 
     @property
     def seq_len(self) -> int:
@@ -72,7 +75,9 @@ class Case:
 
 @dataclass
 class Inputs:
-    """One case's tensors. `logits` (B, T, V) for logits cases; `hidden` (B, T, H) and `weight` (V, H) otherwise."""
+    """One case's tensors. `logits` (B, T, V) for logits cases; `hidden` (B, T, H) and `weight` (V, H) otherwise.
+
+    Packed cases drop the T dimension: (N, V), (N, H), (N,) token tensors, and `cu_seqlens` (B + 1,)."""
 
     case: Case
     tokens: torch.Tensor  # (B, T) int64, -100 at padding
@@ -83,6 +88,7 @@ class Inputs:
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     weight: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
 
     @property
     def differentiable(self) -> list[torch.Tensor]:
@@ -94,6 +100,8 @@ class Inputs:
         opts: dict = {"granularity": self.case.granularity}
         if self.case.granularity in ("subsentence", "sentence"):
             opts["boundary"] = self.boundary
+        if self.cu_seqlens is not None:
+            opts["cu_seqlens"] = self.cu_seqlens
         return opts
 
 
@@ -102,6 +110,8 @@ def make_inputs(case: Case, device: str | torch.device, seed: int = 0) -> Inputs
 
     old_logprobs are the true log-probs of the sampled tokens shifted by small per-response and
     per-token offsets, so ratios sit near 1 and near the clip bounds, as in on-policy training.
+    A packed case concatenates the same responses without padding; the last one is lengthened to
+    fill N tokens.
     """
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -109,7 +119,14 @@ def make_inputs(case: Case, device: str | torch.device, seed: int = 0) -> Inputs
     t = case.seq_len
     b = case.n // t
     lengths = torch.randint(3 * t // 4, t + 1, (b,), generator=gen, device=device)
-    inside = torch.arange(t, device=device)[None, :] < lengths[:, None]
+    cu_seqlens = None
+    if case.packed:
+        lengths[-1] += case.n - lengths.sum()
+        cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        # one response per "row": the loops below then slice the flat tensors by cu_seqlens
+        b, t, inside = 1, case.n, torch.ones(1, case.n, dtype=torch.bool, device=device)
+    else:
+        inside = torch.arange(t, device=device)[None, :] < lengths[:, None]
     tokens = torch.randint(0, case.v, (b, t), generator=gen, device=device)
     tokens = torch.where(inside, tokens, -100)
     boundary = torch.rand(case.v, generator=gen, device=device) < BOUNDARY_SHARE
@@ -128,11 +145,20 @@ def make_inputs(case: Case, device: str | torch.device, seed: int = 0) -> Inputs
             z = logits[i] if logits is not None else hidden[i] @ weight.T
             lp = torch.log_softmax(z.float(), -1)
             true_logp[i] = lp.gather(-1, tokens[i].clamp(min=0)[:, None])[:, 0]
-        offset = LOG_RATIO_SCALE * torch.randn(b, 1, generator=gen, device=device)
+        responses = lengths.numel()
+        offset = LOG_RATIO_SCALE * torch.randn(responses, 1, generator=gen, device=device)
+        if case.packed:
+            offset = offset.repeat_interleave(lengths, 0).reshape(1, t)
         noise = LOG_RATIO_SCALE * torch.randn(b, t, generator=gen, device=device)
         old_logprobs = torch.where(inside, true_logp - offset - noise, 0.0)
-    advantages = torch.randn(b, generator=gen, device=device)
-    return Inputs(case, tokens, old_logprobs, advantages, inside, boundary, logits, hidden, weight)
+    advantages = torch.randn(responses, generator=gen, device=device)
+    if case.packed:
+        tokens, old_logprobs, inside = tokens[0], old_logprobs[0], inside[0]
+        if logits is not None:
+            logits = logits.detach()[0].requires_grad_(True)
+        else:
+            hidden = hidden.detach()[0].requires_grad_(True)
+    return Inputs(case, tokens, old_logprobs, advantages, inside, boundary, logits, hidden, weight, cu_seqlens)
 
 
 @dataclass(frozen=True)
@@ -283,11 +309,12 @@ def baseline_of(kind: str) -> str:
 
 # ---------------------------------------------------------------- suites of cases
 
-# On a 2-core CPU: about 1.5 minutes (2 with the AOT report). N sweep at V=32000 (the headline is
-# N=1024), V sweep at N=256 up to Qwen's 151,936, one bf16 case, and one case from hidden states
+# On a 2-core CPU: about 1.5 minutes (2 with the AOT report). N sweep at V=32000, V sweep at N=256
+# up to Qwen's 151,936, the headline (N=1024 packed), one bf16 case, and one case from hidden states
 # (logits of 125 MiB, as at the headline).
 DEFAULT_SUITE = (
     *(Case(n, 32000) for n in (256, 512, 1024)),
+    Case(1024, 32000, packed=True),
     *(Case(256, v) for v in (8000, 65536, 151936)),
     Case(1024, 32000, "bf16"),
     Case(1024, 32000, hidden=256),
@@ -307,10 +334,11 @@ GPU_SUITE = (
     *(Case(8192, v, "bf16") for v in (32000, 65536)),
     Case(8192, 151936, "bf16", "token"),
     Case(8192, 151936, "bf16", "sequence"),
-    Case(1024, 32000),
+    Case(1024, 32000, packed=True),
     Case(8192, 32000),
     Case(8192, 151936, "bf16", hidden=4096),
 )
-# The shape the summary line quotes: the torch backend against the baseline at N=1024, V=32000 fp32.
-HEADLINE = Case(1024, 32000)
+# The shape the summary line quotes: the default paths against the baseline at N=1024, V=32000 fp32,
+# subsentence, one packed batch (the case of the CPU target: >= 3x the baseline's speed by default).
+HEADLINE = Case(1024, 32000, packed=True)
 SUITES = {"default": DEFAULT_SUITE, "quick": QUICK_SUITE, "gpu": GPU_SUITE}

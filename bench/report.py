@@ -120,11 +120,21 @@ def peers_summary(peers: dict) -> str:
     if peers.get("status") != "ok":
         return f"Peers (Liger-Kernel): {peers.get('status')}: {peers.get('note', '')}"
     size = peers["size"]
+    layout = "ours packed with a CPU cu_seqlens" if size.get("packed") else "padded"
+    bias = "no bias" if size.get("bias") is False else "bias"
     title = (
         f"Peers: Liger-Kernel LigerFusedLinearGRPOLoss vs sspo_loss_from_hidden, token level, eps 0.2, "
-        f"N={size['n']} H={size['hidden']} V={size['vocab']} fp32 (bench/liger_compare.py; forward+backward)"
+        f"N={size['n']} H={size['hidden']} V={size['vocab']} fp32, {layout}, {bias} "
+        f"(bench/liger_compare.py; forward+backward)"
     )
     return f"{title}\n{peers['table']}"
+
+
+def launches_summary(launches: dict) -> str:
+    if launches.get("status") != "ok":
+        return f"Launch counts: {launches.get('status')}: {launches.get('note', '')}"
+    title = "Launch counts of one call (device ops + Triton launches; bench/launches.py):"
+    return f"{title}\n{launches['table']}"
 
 
 def aot_summary(aot: dict) -> str:

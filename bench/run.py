@@ -23,12 +23,14 @@ from pathlib import Path as FsPath
 
 import torch
 
+from bench.launches import launch_report
 from bench.measure import MIB, REPO, Settings, _quiet_stderr, copy_bandwidth, machine_info, run_case
 from bench.registry import DEFAULT_PATHS, DTYPES, PATHS, SUITES, Case
 from bench.report import (
     aot_summary,
     format_table,
     headline,
+    launches_summary,
     machine_line,
     peers_summary,
     plot_sweeps,
@@ -75,12 +77,14 @@ def run_aot(out_dir: FsPath, timeout_s: float, log) -> dict:
     return {"status": status, "seconds": round(time.perf_counter() - t0, 1), "rows": rows, "text": proc.stdout}
 
 
-# Liger-Kernel's fused-linear GRPO loss against ours, through bench/liger_compare.py. The default
-# size is the default suite's case from hidden states, so the two tables can be read side by side.
+# Liger-Kernel's fused-linear GRPO loss against ours, through bench/liger_compare.py. The default is
+# the case of the CPU target (our peak memory <= Liger's while >= 1.2x faster): N=2048, H=1024,
+# V=32000 fp32, token level, ours on a packed batch with a CPU cu_seqlens, no bias (~1.5 min).
 PEER_SIZES = {
-    "default": dict(n=1024, hidden=256, vocab=32000, batch=4, repeats=3),
-    "quick": dict(n=128, hidden=64, vocab=1000, batch=2, repeats=1),
-}
+    "default": dict(n=2048, hidden=1024, vocab=32000, batch=8, repeats=5, packed=True, bias=False,
+                    ours=("sspo auto", "sspo two-phase")),
+    "quick": dict(n=128, hidden=64, vocab=1000, batch=2, repeats=1, packed=True, bias=False),
+}  # fmt: skip
 
 
 def run_peers(quick: bool, device: str, log) -> dict:
@@ -136,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["subsentence", "sentence", "sequence", "token"], help="granularities of custom shapes",
     )  # fmt: skip
     p.add_argument(
+        "--packed", action="store_true",
+        help="custom shapes as one packed (N,) batch of whole responses with cu_seqlens instead of a padded (B, T) one",
+    )  # fmt: skip
+    p.add_argument(
         "--paths", nargs="+", choices=[*PATHS, "all"], help=f"paths to run (default: {' '.join(DEFAULT_PATHS)})"
     )
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
@@ -158,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--peers", choices=["auto", "off"], default="auto",
         help="auto: the Liger-Kernel comparison of bench/liger_compare.py when Liger-Kernel is installed (CPU)",
     )  # fmt: skip
+    p.add_argument(
+        "--launches", choices=["auto", "off"], default="auto",
+        help="auto: device ops and Triton launches of one call per option set (bench/launches.py), not with --quick",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads", type=int, help="torch CPU threads (default on the CPU: 1, see README 'How time is measured')"
@@ -169,7 +181,7 @@ def cases_from_args(args: argparse.Namespace) -> list[Case]:
     if not args.shape:
         return list(SUITES["quick" if args.quick else args.suite])
     return [
-        Case(n, v, dtype, gran, hidden)
+        Case(n, v, dtype, gran, hidden, args.packed)
         for n, hidden, v in args.shape
         for dtype in args.dtype
         for gran in args.granularity
@@ -239,9 +251,15 @@ def _main(args: argparse.Namespace, device: str, settings: Settings, path_names:
     else:
         why = "--aot off" if args.aot == "off" else "--quick"
         aot = {"status": "off", "note": f"{why}; `--aot on` or `python -m sspo_kernels.aot` for the report"}
+    if args.launches == "auto" and not args.quick:
+        log("launch counts (bench/launches.py)")
+        launches = launch_report()
+    else:
+        why = "--launches off" if args.launches == "off" else "--quick"
+        launches = {"status": "off", "note": f"{why}; `python -m bench.launches` for the table"}
     elapsed = time.perf_counter() - start
     table = format_table(rows, copy_gbps)
-    summary = f"{peers_summary(peers)}\n\n{aot_summary(aot)}"
+    summary = f"{peers_summary(peers)}\n\n{launches_summary(launches)}\n\n{aot_summary(aot)}"
     if headline(rows):
         summary = f"{headline(rows)}\n\n{summary}"
     report = f"{machine_line(info)}\n{table}\n\n{summary}\n"
@@ -256,6 +274,7 @@ def _main(args: argparse.Namespace, device: str, settings: Settings, path_names:
         "copy_gbps": copy_gbps,
         "rows": rows,
         "peers": {k: v for k, v in peers.items() if k != "table"},
+        "launches": {k: v for k, v in launches.items() if k != "table"},
         "aot": {k: v for k, v in aot.items() if k != "text"},
         "elapsed_s": elapsed,
     }

@@ -48,16 +48,15 @@ from sspo_kernels.ops.segment.ids import batch_segment_ids
 
 SSPO_LOSS_FROM_HIDDEN_OPTIONS = OptionSet(LOSS_OPTIONS, HIDDEN_OPTIONS, HIDDEN_DISTRIBUTED_OPTIONS)
 
-# Bytes of one chunk's logits counted in fp32 (rows * V * 4), by device type. The chunked-torch
-# vocabulary pass is handed the same rows per call, so on the CPU a chunk costs its logits plus two
-# fp32 temporaries of that size (~48 MiB at the default): few, large elementwise ops, which keep their
-# speed when the cores are shared (bench/liger_compare.py; on a busy 2-core EPYC, N=2048 H=1024
-# V=32000: 131 and 512 rows per chunk within 10 % of each other on one thread, and 131 rows keep the
-# peak extra memory at about half of Liger's fused GRPO loss).
+# Bytes of one chunk's logits counted in fp32 (rows * V * 4), by device type. Every chunk streams the
+# weight (V x H) twice and the fp32 weight-gradient accumulator once, at 2 * rows FLOPs per element, so
+# the rows set how matmul-bound the chunk is; its memory is the logits buffer (reused by every chunk)
+# plus the vocabulary pass's two cache-sized workspaces (`_vocab_rows`). On the CPU 32 MiB (262 rows
+# at V=32000) keeps the peak below Liger's fused GRPO loss while faster than it (bench/RESULTS.md).
 # On a GPU every chunk reads the whole weight (V x H), so a chunk needs a few hundred rows to be
 # matmul-bound rather than weight-read-bound: 256 MiB gives 441 rows at V=152064 and 2097 at 32000.
 CHUNK_BYTES = {"cuda": 1 << 28}
-DEFAULT_CHUNK_BYTES = 1 << 24
+DEFAULT_CHUNK_BYTES = 1 << 25
 
 
 def linear_chunk_tokens(vocab_size: int, device: torch.device | str = "cpu") -> int:
@@ -137,15 +136,31 @@ def plan_chunks(
 
 
 def _rows(bounds: tuple[tuple[int, int], ...]) -> int:
-    """The largest chunk: the torch vocabulary pass takes a whole chunk per step."""
+    """The largest chunk: the rows of the logits buffer."""
     return max(1, *(e - s for s, e in bounds))
 
 
-def _chunk_logits(hidden_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(rows, V) logits in the input dtype, a fresh contiguous buffer (the backward overwrites it)."""
+def _vocab_rows(bounds: tuple[tuple[int, int], ...], device: torch.device) -> int | None:
+    """Rows per step of the torch vocabulary pass. On a GPU the whole chunk (few, large kernels). On the
+    CPU None: the pass's own cache-sized steps (`vocab_chunk_rows`, 8 rows at V=32000 fp32), so its two
+    fp32 workspaces cost 4 MiB rather than two more chunks of logits, and stay in cache."""
+    return _rows(bounds) if device.type == "cuda" else None
+
+
+def _logits_buffer(bounds: tuple[tuple[int, int], ...], hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One (rows, V) buffer in the input dtype for every chunk's logits: allocated and faulted in once."""
+    return torch.empty(_rows(bounds), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+
+
+def _chunk_logits(
+    hidden_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer: torch.Tensor
+) -> torch.Tensor:
+    """(rows, V) logits in the input dtype, written into the first rows of `buffer` (the backward
+    overwrites them)."""
+    out = buffer[: hidden_c.shape[0]]
     if bias is None:
-        return torch.mm(hidden_c, weight.t())
-    return torch.addmm(bias, hidden_c, weight.t())
+        return torch.mm(hidden_c, weight.t(), out=out)
+    return torch.addmm(bias, hidden_c, weight.t(), out=out)
 
 
 def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -234,8 +249,9 @@ class TwoPhaseFunction(torch.autograd.Function):
             stats = VocabStats(*(torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)))
         else:
             partial = torch.empty(n, 5, dtype=torch.float32, device=hidden.device)
+        buffer = _logits_buffer(plan.bounds, hidden, weight)
         for s, e in plan.bounds:
-            logits = _chunk_logits(hidden[s:e], weight, bias)
+            logits = _chunk_logits(hidden[s:e], weight, bias, buffer)
             if shard is None:
                 chunk = backend.vocab_fwd(logits, batch.tokens[s:e], batch.mask[s:e], cfg.temperature)
                 for out, value in zip(stats, chunk):
@@ -243,6 +259,7 @@ class TwoPhaseFunction(torch.autograd.Function):
             else:
                 partial[s:e] = shard.partial(logits, batch.tokens[s:e], batch.mask[s:e], cfg.temperature)
             del logits
+        del buffer
         if shard is not None:
             stats = shard.merge(partial, batch.mask)
         step = objective_fwd(stats.logp, stats.entropy, seg, batch, cfg, backend=backend)
@@ -263,14 +280,16 @@ class TwoPhaseFunction(torch.autograd.Function):
         cfg, backend = ctx.cfg, ctx.backend
         grad_logp, grad_entropy = objective_bwd(saved, grad_loss, cfg, backend)
         grads = _Grads.empty(hidden, weight, bias, ctx.needs)
+        buffer = _logits_buffer(ctx.plan.bounds, hidden, weight)
         for s, e in ctx.plan.bounds:
-            logits = _chunk_logits(hidden[s:e], weight, bias)
+            logits = _chunk_logits(hidden[s:e], weight, bias, buffer)
             dlogits = ctx.vocab.vocab_bwd(
                 logits, tokens[s:e], mask[s:e], ctx.stats_type(*(t[s:e] for t in stats)), grad_logp[s:e],
                 _rows_of(grad_entropy, s, e), cfg.temperature, inplace=True,
             )  # fmt: skip
             grads.add_chunk(dlogits, hidden[s:e], mask[s:e], weight, s, e)
             del logits, dlogits
+        del buffer
         if ctx.reduce_group is not None:  # reduce_hidden_grad=True: the full hidden gradient on every rank
             reduce_hidden(grads.hidden, ctx.reduce_group)
         return (*grads.finish(None, hidden, weight, bias), None, None, None, None, None, None, None, None)
@@ -293,12 +312,13 @@ class SinglePassFunction(torch.autograd.Function):
         logp = torch.empty(n, dtype=torch.float32, device=device)
         entropy = torch.empty(n, dtype=torch.float32, device=device)
         grads = _Grads.empty(hidden, weight, bias, needs)
+        buffer = _logits_buffer(plan.bounds, hidden, weight)
         losses, parts = [], []
         for s, e in plan.bounds:
             sub = _chunk_batch(batch, s, e)
             first = seen[s - 1] + 1 if s > 0 else 0
             seg_c = torch.where(seg[s:e] >= 0, seg[s:e] - first, -1)
-            logits = _chunk_logits(hidden[s:e], weight, bias)
+            logits = _chunk_logits(hidden[s:e], weight, bias, buffer)
             stats = backend.vocab_fwd(logits, sub.tokens, sub.mask, cfg.temperature)
             step = objective_fwd(stats.logp, stats.entropy, seg_c, sub, cfg, backend=backend, weights=weights[s:e])
             losses.append(step.loss)
@@ -312,6 +332,7 @@ class SinglePassFunction(torch.autograd.Function):
                 grads.add_chunk(dlogits, hidden[s:e], sub.mask, weight, s, e)
                 del dlogits
             del logits
+        del buffer
         # Saved (not stashed on ctx) so that a second backward through them is refused by autograd: the
         # first one scales them in place.
         ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
@@ -376,9 +397,10 @@ def sspo_loss_from_hidden(
     `SSPOOutput(loss, logprobs, entropy, metrics)` are those of `sspo_loss`. Differentiable in hidden,
     weight and bias (the parameter gradients are summed in fp32 and returned in their dtype).
 
-    chunk_size: tokens per chunk (default `linear_chunk_tokens(V, device)`: about 16 MiB of fp32
-    logits on the CPU, 256 MiB on a GPU). Peak extra memory: one chunk's logits and the vocabulary
-    pass's temporaries, plus the gradients (N x H, and V x H in fp32), never anything (N, V).
+    chunk_size: tokens per chunk (default `linear_chunk_tokens(V, device)`: about 32 MiB of fp32
+    logits on the CPU, 256 MiB on a GPU). Peak extra memory: one chunk's logits (one buffer for all
+    chunks) and the vocabulary pass's temporaries (cache-sized on the CPU), plus the gradients (N x H,
+    and V x H in fp32), never anything (N, V).
 
     single_pass: None picks the schedule, True demands the single-pass one (ValueError when it is not
     possible, saying why), False forces the two-phase one. Single-pass runs when
@@ -423,13 +445,12 @@ def sspo_loss_from_hidden(
         raise TypeError(f"single_pass must be a bool or None, got {type(single_pass).__name__}")
     chunk = chunk_size or linear_chunk_tokens(layout.vocab_size, layout.device)
     plan = plan_chunks(cfg, layout.token_shape, opts["cu_seqlens"], chunk, False if shard else single_pass)
-    # the torch vocabulary pass takes a whole chunk per step
-    backend = get_backend(opts["backend"], layout.device, chunk_size=_rows(plan.bounds))
+    backend = get_backend(opts["backend"], layout.device, chunk_size=_vocab_rows(plan.bounds, layout.device))
     seg = batch_segment_ids(batch, cfg.granularity)
     args = (hidden.reshape(-1, hidden.shape[-1]), weight, bias, batch, seg, cfg, plan, backend, torch.is_grad_enabled())
     if shard is not None:
         loss, logp, entropy, *metrics = TwoPhaseFunction.apply(
-            *args, replace(shard, chunk_size=_rows(plan.bounds)), reduce_group
+            *args, replace(shard, chunk_size=_vocab_rows(plan.bounds, layout.device)), reduce_group
         )
     else:
         function = SinglePassFunction if plan.single_pass else TwoPhaseFunction

@@ -64,3 +64,13 @@ def assert_rel_norm(name: str, actual: torch.Tensor, expected: torch.Tensor, *, 
             f"{name}: relative error {rel:.3g} > {tol:g}; worst at {list(idx)}: "
             f"actual {a[idx].item():.9g}, expected {e[idx].item():.9g}"
         )
+
+
+def ulps(actual: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """|actual - round(exact)| in units in the last place of round(exact), in actual's dtype."""
+    fi = torch.finfo(actual.dtype)
+    rounded = exact.to(actual.dtype).double()
+    _, exp = torch.frexp(rounded)
+    ulp = torch.ldexp(torch.full_like(rounded, fi.eps / 2), exp)  # |x| in [2^(exp-1), 2^exp)
+    ulp = torch.where(rounded.abs() < fi.smallest_normal, fi.smallest_normal * fi.eps, ulp)
+    return (actual.double() - rounded).abs() / ulp

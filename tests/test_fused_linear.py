@@ -403,7 +403,7 @@ def test_plan_forced_single_pass_says_why():
 
 
 def test_linear_chunk_tokens():
-    assert linear_chunk_tokens(32000) == (1 << 24) // (4 * 32000)
+    assert linear_chunk_tokens(32000) == (1 << 25) // (4 * 32000)
     assert linear_chunk_tokens(151936, "cuda") == (1 << 28) // (4 * 151936)
     assert linear_chunk_tokens(1 << 30) == 1
 

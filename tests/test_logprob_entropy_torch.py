@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from _assert import assert_close, assert_rel_norm
+from _assert import assert_close, assert_rel_norm, ulps
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -72,16 +72,6 @@ def reference_grad(logits, tokens, mask, g, e, tau):
     loss = torch.where(mask.reshape(-1), g.double() * logp + e.double() * entropy, 0.0).sum()
     (grad,) = torch.autograd.grad(loss, x)
     return grad
-
-
-def ulps(actual: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
-    """|actual - round(exact)| in units in the last place of round(exact), in actual's dtype."""
-    fi = torch.finfo(actual.dtype)
-    rounded = exact.to(actual.dtype).double()
-    _, exp = torch.frexp(rounded)
-    ulp = torch.ldexp(torch.full_like(rounded, fi.eps / 2), exp)  # |x| in [2^(exp-1), 2^exp)
-    ulp = torch.where(rounded.abs() < fi.smallest_normal, fi.smallest_normal * fi.eps, ulp)
-    return (actual.double() - rounded).abs() / ulp
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -289,6 +279,41 @@ def test_non_finite_logits_propagate(bad):
     keep = mask.clone()
     keep[hit] = False
     want = reference_grad(logits, tokens, keep, g, e, 1.0)
+    assert_rel_norm("dlogits (finite rows)", grad[others], want[others], tol=GRAD_REL_FP32)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
+@pytest.mark.parametrize("tau", [1.0, 0.7], ids=["tau1", "tau0.7"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_without_entropy_term(dtype, tau, inplace):
+    """grad_entropy=None (the entropy used detached) takes its own, shorter backward: same gradient
+    as e = 0, masked-out NaN rows exactly 0, a -inf logit (at a target too) finite."""
+    logits, tokens, mask, g, _ = make_case(37, 1000, dtype, seed=12)
+    mask[1], tokens[1], logits[1] = True, 7, 3 * torch.randn(1000)
+    logits[0, tokens[0]] = -math.inf
+    logits[1, 5] = -math.inf
+    _, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, tau, chunk_size=6)
+    grad = logprob_entropy_bwd(
+        logits.clone() if inplace else logits, tokens, mask, lse, entropy, g, None, tau, chunk_size=6, inplace=inplace
+    )
+    assert torch.isfinite(grad).all()
+    check_grad(grad, logits, tokens, mask, g, torch.zeros_like(g), tau)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_logits_propagate_without_entropy_term(bad):
+    logits, tokens, mask, g, _ = make_case(10, 64, torch.float32, seed=9)
+    hit = [1, 4]
+    mask[hit], tokens[hit] = True, 3
+    logits[hit] = torch.randn(2, 64)
+    logits[hit, 17] = bad
+    _, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 1.0, chunk_size=3)
+    grad = logprob_entropy_bwd(logits, tokens, mask, lse, entropy, g, None, 1.0, chunk_size=3)
+    assert torch.isnan(grad[hit]).all(), "dlogits: every entry of the row must be NaN"
+    others = [i for i in range(10) if i not in hit]
+    keep = mask.clone()
+    keep[hit] = False
+    want = reference_grad(logits, tokens, keep, g, torch.zeros_like(g), 1.0)
     assert_rel_norm("dlogits (finite rows)", grad[others], want[others], tol=GRAD_REL_FP32)
 
 

@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from _assert import assert_close, assert_rel_norm
+from _assert import assert_close, assert_rel_norm, ulps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,16 +32,6 @@ SCHEDULES = {"single-pass": True, "two-phase": False}
 GRAD_REL_FP32 = 1e-5  # docs/loss.md "Tolerances": relative-norm error of an fp32 gradient
 GRAD_REL_HIDDEN_BF16 = 8e-3  # the same, bf16 gradients of weight and bias (rounded twice)
 GRAD_ULPS = 2  # bf16 logit gradients: distance to the correctly rounded float64 gradient
-
-
-def ulps(actual: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
-    """|actual - round(exact)| in units in the last place of round(exact), in actual's dtype."""
-    fi = torch.finfo(actual.dtype)
-    rounded = exact.to(actual.dtype).double()
-    _, exp = torch.frexp(rounded)
-    ulp = torch.ldexp(torch.full_like(rounded, fi.eps / 2), exp)  # |x| in [2^(exp-1), 2^exp)
-    ulp = torch.where(rounded.abs() < fi.smallest_normal, fi.smallest_normal * fi.eps, ulp)
-    return (actual.double() - rounded).abs() / ulp
 
 
 def token_batch(logits: torch.Tensor, tokens: torch.Tensor, *, advantage: float = 1.0, old_shift: float = 0.0):

@@ -9,10 +9,18 @@ and the backward returns dLoss/dlogits for upstream g_t = dLoss/dl_t, e_t = dLos
 
     (1/tau) * ( g_t * (onehot(y_t) - p) - e_t * p * (log p + H_t) )
 
-Rows are processed `chunk_size` at a time (`vocab_chunk_rows`: a few MB of fp32 per chunk) in two
-fp32 workspaces allocated once per call, so nothing (N, V)-sized in fp32 ever exists. The only
+Rows are processed `chunk_size` at a time (`vocab_chunk_rows`: a few MB per chunk) in at most
+two fp32 workspaces allocated once per call, so nothing (N, V)-sized in fp32 ever exists. The only
 (N, V) allocation is the gradient itself, made once and filled chunk by chunk (or none:
 `inplace=True` writes into the logits buffer). Every pass over a chunk then runs from cache.
+
+Cost on a CPU: each (C, V) op runs from cache, while the first read of the logits and the first
+write of the fresh gradient buffer run at memory speed, the latter slower still because the kernel
+faults in and zeroes its pages (measured in bench/RESULTS.md; huge-page advice for that buffer was
+tried and dropped: it made some calls several times slower). So the passes over a chunk are few:
+7 in the forward, 6 in the backward without the entropy term (grad_entropy None, as in SSPO where
+the entropy is used detached) and 11 with it; the forward's per-row maths runs once over all rows
+after the loop, and exp is torch.exp (exp2 needs one more multiply).
 
 Numerics:
 - Everything works on values shifted by the row max, s = z - max(z), never on z itself, so
@@ -25,8 +33,10 @@ Numerics:
   rounded lse and H: the entropy term -p (log p + H) is formed as -p (s - E_p[s]), one quantity,
   where log p and H are each ~log V and their fp32 sum would keep only ~ulp(log V) of it.
 - Masked-out rows never reach an output: the forward selects with `torch.where` on the per-row
-  results, the backward replaces those rows by zeros when it first reads them. NaN or garbage
-  logits there therefore stay invisible, while NaN at a masked-in row propagates to that row.
+  results; the backward makes each chunk finite (`nan_to_num`) and then zeroes those rows by a
+  product with 0 (their mask, or their per-row factor): half the time of a `torch.where` over the
+  chunk (0.3 against 0.6 ns per element). NaN or garbage logits there therefore stay invisible,
+  while NaN at a masked-in row propagates to that row through its max (or 1 / S) to every entry.
   NaN and +inf logits give NaN; a -inf logit (a vocabulary entry masked out by the caller) is a
   probability of exactly 0 and contributes 0 * log 0 = 0, as in the reference and the kernels.
   At the target it is l_t = -inf, p_y = 0: the gradient stays finite (g_t at the target column).
@@ -49,11 +59,10 @@ import torch
 
 from sspo_kernels._utils import new_empty
 
-# Bytes of one chunk's working set: two fp32 temporaries plus its logits and gradient rows. 8 MiB
-# gives 16 rows (2 MiB per fp32 temporary) at V=32000 fp32. On the reference CPU (2-core EPYC, 2 MiB
-# L2 per core, 32 MiB shared L3), forward+backward at N=1024, V=32000 was flat from 12 to 32 rows
-# and 10-40 % slower at 4-8 and at 64-256 rows (more per-op overhead / chunks falling out of cache).
-_CHUNK_BYTES = 8 * 2**20
+# Bytes of one chunk's working set: two fp32 temporaries plus its logits and gradient rows, sized to
+# stay in a core's L2 (8 rows at V=32000 fp32); a larger chunk falls out of cache, a smaller one pays
+# more per-op overhead (bench/RESULTS.md, "CPU tuning").
+_CHUNK_BYTES = 4 * 2**20
 _FP32_TEMPS = 2
 
 
@@ -117,17 +126,9 @@ def _check(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, chunk
 # ---------------------------------------------------------------- per-chunk maths, rows independent
 
 
-_LOG2E = 1.4426950408889634
 # where a logit is -inf, p = 0 and log p = -inf; the shifted logit is raised to this finite floor
 # after p is taken so that p * log p is 0 * -1e30 = 0 rather than NaN (exp(-1e30) is 0 anyway)
 _NO_PROB = -1e30
-
-
-def _exp(s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out <- exp(s) as exp2(s * log2 e): torch's CPU exp2 is 3x faster than its exp (0.28 against
-    0.82 ns per element on AVX-512). Rounding s * log2 e costs |s| * 2^-24 relative in the result,
-    largest where p is smallest; the measured logp / entropy / gradient errors did not move."""
-    return torch.mul(s, _LOG2E, out=out).exp2_()
 
 
 def _load(x: torch.Tensor, s: torch.Tensor, tau: float) -> None:
@@ -146,70 +147,103 @@ def _log_sum(s_y: torch.Tensor, sum_other: torch.Tensor, total: torch.Tensor) ->
     return torch.where(s_y == 0, torch.log1p(sum_other), total.log())
 
 
-def _fwd_chunk(x: torch.Tensor, y: torch.Tensor, tau: float, s: torch.Tensor, e: torch.Tensor):
-    """lse, entropy, logp (C,) fp32 of the rows x (C, V) for targets y (C,) in range.
+def _fwd_chunk(x: torch.Tensor, y: torch.Tensor, tau: float, s: torch.Tensor, e: torch.Tensor, stats) -> None:
+    """Row statistics of the rows x (C, V) for targets y (C,) in range, into `stats`.
 
-    s, e: (C, V) fp32 workspaces."""
-    m = x.amax(-1, keepdim=True).float()  # max(x / tau) = max(x) / tau: rounding is monotone
+    stats: five (C,) fp32 views, written: max(z), s_y, e^{s_y}, sum_{v != y} e^s, sum_{v != y} e^s s
+    with s = z - max(z) (see `_fwd_finish`). s, e: (C, V) fp32 workspaces."""
+    m, s_y, e_y, sum_other, t = stats
+    if x.dtype == torch.float32:
+        torch.amax(x, -1, out=m)
+    else:
+        m.copy_(x.amax(-1))
     if tau != 1.0:
-        m = m / tau
+        m.div_(tau)  # max(x / tau) = max(x) / tau: rounding is monotone
     if x.dtype == torch.float32 and tau == 1.0:
-        torch.sub(x, m, out=s)  # one pass
+        torch.sub(x, m[:, None], out=s)  # one pass
     else:
         _load(x, s, tau)
-        s.sub_(m)
+        s.sub_(m[:, None])
     col = y[:, None]
-    s_y = s.gather(1, col).squeeze(1)
-    _exp(s, out=e)
-    e_y = e.gather(1, col).squeeze(1)
-    e.scatter_(1, col, 0.0)  # the sums run over v != y; the target's terms are added back below
-    sum_other = e.sum(-1)
+    torch.gather(s, 1, col, out=s_y[:, None])
+    torch.exp(s, out=e)
+    torch.gather(e, 1, col, out=e_y[:, None])
+    e.scatter_(1, col, 0.0)  # the sums run over v != y; the target's terms are added back in _fwd_finish
+    torch.sum(e, -1, out=sum_other)
+    s.clamp_(min=_NO_PROB)  # -inf (p = 0) would make e * s = 0 * -inf = NaN
+    torch.sum(e.mul_(s), -1, out=t)
+
+
+def _fwd_finish(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lse, entropy, logp (N,) from the (5, N) statistics of `_fwd_chunk`, all rows at once."""
+    m, s_y, e_y, sum_other, t = stats
     total = sum_other + e_y
     log_sum = _log_sum(s_y, sum_other, total)
-    s.clamp_(min=_NO_PROB)  # -inf (p = 0) would make e * s = 0 * -inf = NaN
-    t = e.mul_(s).sum(-1) + e_y * s_y.clamp(min=_NO_PROB)
+    t = t + e_y * s_y.clamp(min=_NO_PROB)
     entropy = log_sum - t / total  # both terms >= 0: no cancellation
-    return m.squeeze(1) + log_sum, entropy, s_y - log_sum
+    return m + log_sum, entropy, s_y - log_sum
+
+
+def _bwd_chunk_logp(x, col, keep, neg_g, g, tau: float, s, out) -> None:
+    """`_bwd_chunk` without the entropy term: out <- (g / tau) (onehot(y) - softmax(z)), in place
+    when out is x.
+
+    col, keep: (C, 1) targets and bool mask; neg_g, g: (C, 1) -g / tau and g / tau, zero where masked
+    out; s: (C, V) fp32 workspace, used when x or out is not fp32 or tau != 1."""
+    src = x
+    if x.dtype != torch.float32 or tau != 1.0:
+        _load(x, s, tau)
+        src = s
+    dst = out if out.dtype == torch.float32 else s
+    m = src.amax(-1, keepdim=True)  # NaN / +inf of a masked-in row stay in its max, so in p_y
+    torch.sub(src, m, out=dst).exp_()
+    p_y = dst.gather(1, col)
+    # finite from here: a masked-out row's garbage is then zeroed by its factor, while a masked-in
+    # row with NaN / +inf gets a NaN or infinite 1 / S, hence a NaN row
+    dst.scatter_(1, col, 0.0).nan_to_num_(0.0, 0.0, 0.0)
+    sum_other = dst.sum(-1, keepdim=True)
+    k = torch.where(keep, (sum_other + p_y).reciprocal_(), 0.0)  # p / S is the softmax
+    dst.mul_(k * neg_g)
+    # g (1 - p_y) / tau, with 1 - p_y = sum_{v != y} p_v / S
+    dst.scatter_(1, col, sum_other.mul_(k).mul_(g))
+    if dst is not out:
+        out.copy_(dst)
 
 
 def _bwd_chunk(x, y, mask, g, e, tau: float, s, p, out) -> None:
     """Write the gradient of the rows x (C, V) into out (C, V) (may be x itself).
 
-    g, e: (C,) upstream gradients of logp and entropy, zero at masked-out rows (e None: no entropy
-    term); s, p: (C, V) fp32 workspaces. Masked-out rows come out exactly 0."""
+    g, e: (C,) upstream gradients of logp and entropy, zero at masked-out rows (without the entropy
+    term: `_bwd_chunk_logp`); s, p: (C, V) fp32 workspaces. Masked-out rows come out exactly 0."""
+    keep = mask[:, None]
+    m = x.amax(-1, keepdim=True).float()  # NaN / +inf of a masked-in row stay in its max
+    # s finite from here (-inf to the _NO_PROB floor), so a product hides masked-out garbage: the
+    # two passes cost half of one torch.where over the chunk
     if x.dtype == torch.float32:
-        torch.where(mask[:, None], x, x.new_zeros(()), out=s)  # hides masked-out garbage
-        if tau != 1.0:
-            s.div_(tau)
+        torch.nan_to_num(x, 0.0, 0.0, _NO_PROB, out=s)
     else:
-        _load(x, s, tau)
-        torch.where(mask[:, None], s, s.new_zeros(()), out=s)
-    s.sub_(s.amax(-1, keepdim=True))
+        s.copy_(x).nan_to_num_(0.0, 0.0, _NO_PROB)
+    s.mul_(keep)
+    if tau != 1.0:
+        m = m / tau
+        s.div_(tau)
+    s.sub_(torch.where(keep, m, 0.0))
     col = y[:, None]
     s_y = s.gather(1, col).squeeze(1)
-    _exp(s, out=p)
+    torch.exp(s, out=p)
     p_y = p.gather(1, col).squeeze(1)
     p.scatter_(1, col, 0.0)
     sum_other = p.sum(-1)
     k = 1.0 / (tau * (sum_other + p_y))  # p / S is the softmax
     target = g * sum_other  # g (1 - p_y) S, with 1 - p_y = sum_{v != y} p_v / S
-    # fp32 output: the last product goes straight into out; otherwise round once, on the copy (a
-    # scatter_ into bf16 would copy the whole chunk)
+    # fp32 output: the products go straight into out (s is not read again); otherwise into s, and
+    # round once, on the copy (a scatter_ into bf16 would copy the whole chunk)
     dst = out if out.dtype == torch.float32 else s
-    if e is None:
-        torch.mul(p, (-g * k)[:, None], out=dst)
-    else:
-        # log p_v + H = s_v - E_p[s]: one quantity, no two terms of size log V to cancel
-        s_y = s_y.clamp(min=_NO_PROB)
-        s.clamp_(min=_NO_PROB)  # see _NO_PROB
-        # p * s is summed in p, then p is recomputed: a third workspace costs memory, a bmm sums
-        # 50x less accurately (7e-6 relative at V = 5003)
-        mean = (p.mul_(s).sum(-1) + p_y * s_y) * (tau * k)
-        _exp(s, out=p).scatter_(1, col, 0.0)
-        target = target - e * p_y * (s_y - mean)
-        # p_v (c2 s_v + c1) = -p_v k (g + e (s_v - mean)); two passes, yet 5x faster than addcmul
-        s.mul_((-e * k)[:, None]).add_(((e * mean - g) * k)[:, None])
-        torch.mul(s, p, out=dst)
+    # log p_v + H = s_v - E_p[s]: one quantity, no two terms of size log V to cancel
+    mean = (torch.mul(p, s, out=dst).sum(-1) + p_y * s_y) * (tau * k)
+    target = target - e * p_y * (s_y - mean)
+    # p_v (c2 s_v + c1) = -p_v k (g + e (s_v - mean)), as c2 (p s)_v + c1 p_v from the p s above
+    dst.mul_((-e * k)[:, None]).add_(p.mul_(((e * mean - g) * k)[:, None]))
     dst.scatter_(1, col, (target * k)[:, None])
     if dst is not out:
         out.copy_(dst)
@@ -267,7 +301,7 @@ def _rows_dynamic(*tensors: torch.Tensor) -> None:
         torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
-# ---------------------------------------------------------------- launchers
+# ---------------------------------------------------------------- forward launcher
 
 
 def logprob_entropy_fwd(
@@ -289,30 +323,36 @@ def logprob_entropy_fwd(
     y, mask = _check(logits, tokens, mask, chunk_size)
     n, vocab = y.shape[0], logits.shape[-1]
     device = logits.device
-    outs = [new_empty((n,), torch.float32, device) for _ in range(3)]  # lse, entropy, logp
     chunk = chunk_size or vocab_chunk_rows(vocab, logits.dtype)
     zero = torch.zeros((), dtype=torch.float32, device=device)
     tau = float(temperature)
-    work = None if use_compile else _workspace(2, min(chunk, n), vocab, device)
-    for r0, r1, x in _chunks(_row_pieces(logits), chunk):
-        args = (x, y[r0:r1])
-        if use_compile:
+    if use_compile:
+        outs = [new_empty((n,), torch.float32, device) for _ in range(3)]  # lse, entropy, logp
+        for r0, r1, x in _chunks(_row_pieces(logits), chunk):
+            args = (x, y[r0:r1])
             _rows_dynamic(*args)
-            values = _compiled(_fwd_chunk_fused)(*args, tau)
-        else:
-            values = _fwd_chunk(*args, tau, *(w[: r1 - r0] for w in work))
-        for out, value in zip(outs, values):
-            torch.where(mask[r0:r1], value, zero, out=out[r0:r1])
+            for out, value in zip(outs, _compiled(_fwd_chunk_fused)(*args, tau)):
+                torch.where(mask[r0:r1], value, zero, out=out[r0:r1])
+    else:
+        # per-chunk work is the (C, V) passes only; the per-row maths runs once over all rows
+        stats = new_empty((5, n), torch.float32, device)
+        work = _workspace(2, min(chunk, n), vocab, device)
+        for r0, r1, x in _chunks(_row_pieces(logits), chunk):
+            _fwd_chunk(x, y[r0:r1], tau, *(w[: r1 - r0] for w in work), stats[:, r0:r1])
+        outs = [torch.where(mask, value, zero) for value in _fwd_finish(stats)]
     lse, entropy, logp = outs
     return logp, entropy, lse
+
+
+# ---------------------------------------------------------------- backward launcher
 
 
 def logprob_entropy_bwd(
     logits: torch.Tensor,
     tokens: torch.Tensor,
     mask: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
+    _lse: torch.Tensor,
+    _entropy: torch.Tensor,
     grad_logp: torch.Tensor,
     grad_entropy: torch.Tensor | None,
     temperature: float,
@@ -325,13 +365,13 @@ def logprob_entropy_bwd(
     """dLoss/dlogits from the upstream grad_logp, grad_entropy (N,) fp32 (None: no entropy term).
 
     Each chunk's softmax statistics are recomputed from its logits (shifted by the row max, as in the
-    forward), so lse, entropy and logp are accepted for the launchers' common signature and not read:
+    forward), so _lse, _entropy and logp are accepted for the launchers' common signature and not read:
     1 - p_y is the sum of the other probabilities, and the entropy term uses log p + H = s - E_p[s],
     neither of which the forward's rounded fp32 statistics give to full precision. Returns a tensor
     shaped like logits in its dtype, zero at masked-out rows; with `inplace=True` it is the logits
     buffer itself, overwritten. `chunk_size` and `use_compile` as in `logprob_entropy_fwd`.
     """
-    del lse, entropy, logp
+    del _lse, _entropy, logp
     y, mask = _check(logits, tokens, mask, chunk_size)
     n, vocab = y.shape[0], logits.shape[-1]
     tau = float(temperature)
@@ -340,9 +380,20 @@ def logprob_entropy_bwd(
     grad = logits if inplace else new_empty(logits.shape, logits.dtype, logits.device)
     grad_rows = None if inplace else grad.view(n, vocab)  # a fresh buffer is contiguous
     chunk = chunk_size or vocab_chunk_rows(vocab, logits.dtype)
-    work = None if use_compile else _workspace(2, min(chunk, n), vocab, logits.device)
+    no_entropy = rows[1] is None and not use_compile
+    if no_entropy:  # (N, 1) columns, sliced per chunk; one workspace only to load non-fp32 or z / tau
+        y_col, keep, pos_g = y[:, None], mask[:, None], rows[0][:, None] / tau
+        neg_g = -pos_g
+        count = 0 if logits.dtype == torch.float32 and tau == 1.0 else 1
+    else:
+        count = 0 if use_compile else 2
+    work = _workspace(count, min(chunk, n), vocab, logits.device)
     for r0, r1, x in _chunks(_row_pieces(logits), chunk):
         out = x if inplace else grad_rows[r0:r1]
+        if no_entropy:
+            cols = (y_col[r0:r1], keep[r0:r1], neg_g[r0:r1], pos_g[r0:r1])
+            _bwd_chunk_logp(x, *cols, tau, work[0][: r1 - r0] if work else None, out)
+            continue
         args = (x, y[r0:r1], mask[r0:r1], *(None if t is None else t[r0:r1] for t in rows), tau)
         if use_compile:
             _rows_dynamic(*(a for a in args[:-1] if a is not None), out)
