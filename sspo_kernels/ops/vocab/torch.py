@@ -60,8 +60,8 @@ import torch
 from sspo_kernels._utils import new_empty
 
 # Bytes of one chunk's working set: two fp32 temporaries plus its logits and gradient rows, sized to
-# stay in a core's L2 (8 rows at V=32000 fp32); a larger chunk falls out of cache, a smaller one pays
-# more per-op overhead (bench/RESULTS.md, "CPU tuning").
+# stay in a core's L2 (8 rows at V=32000 fp32): 4 to 8 rows measured fastest there, 16 and 32 rows
+# slower as the chunk leaves the cache (bench/RESULTS.md, "rows per chunk").
 _CHUNK_BYTES = 4 * 2**20
 _FP32_TEMPS = 2
 
