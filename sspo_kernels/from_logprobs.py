@@ -13,11 +13,10 @@ import torch
 
 from sspo_kernels._options import LOGPROBS_OPTIONS, LOSS_OPTIONS, OptionSet, config_of
 from sspo_kernels._types import FlatBatch, LossConfig, SSPOOutput
-from sspo_kernels._validate import logprobs_layout, prepare_inputs
+from sspo_kernels._validate import logprobs_layout
 from sspo_kernels.backend import Backend, get_backend
-from sspo_kernels.loss import INPUT_NAMES, LossModule
+from sspo_kernels.loss import LossModule, batch_and_segments
 from sspo_kernels.ops.objective import make_output, objective_bwd, segment_step
-from sspo_kernels.ops.segment.ids import batch_segment_ids
 
 SSPO_LOSS_FROM_LOGPROBS_OPTIONS = OptionSet(LOSS_OPTIONS, LOGPROBS_OPTIONS)
 
@@ -80,10 +79,7 @@ def sspo_loss_from_logprobs(
         raise ValueError("entropy is needed for the entropy-adaptive clip bounds and the entropy bonus")
     layout = logprobs_layout(logprobs, entropy)
     backend = get_backend(opts["backend"], layout.device)
-    fused = backend.fuses_step(cfg.loss_agg_mode)  # the step numbers segments and checks tokens itself
-    inputs = {k: opts[k] for k in INPUT_NAMES}
-    batch = prepare_inputs(cfg, layout, tokens, old_logprobs, advantages, mask, **inputs, lean=fused)
-    seg = None if fused else batch_segment_ids(batch, cfg.granularity)
+    batch, seg = batch_and_segments(cfg, layout, backend, opts, tokens, old_logprobs, advantages, mask)
     flat = lambda t: None if t is None else t.reshape(-1)
     loss, logp, ent, *metrics = LogprobsLossFunction.apply(flat(logprobs), flat(entropy), batch, seg, cfg, backend)
     return make_output(cfg, batch, loss, logp, ent, metrics)

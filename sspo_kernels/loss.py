@@ -73,6 +73,17 @@ class SSPOLossFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+def batch_and_segments(
+    cfg: LossConfig, layout: Layout, backend: Backend, opts: dict, tokens, old_logprobs, advantages, mask
+) -> tuple[FlatBatch, torch.Tensor | None]:
+    """The checked flat batch and its (N,) segment ids; no ids (None) and a lean batch when the
+    backend's fused segment step numbers the segments and checks the token ids itself."""
+    fused = backend.fuses_step(cfg.loss_agg_mode)
+    inputs = {k: opts[k] for k in INPUT_NAMES}
+    batch = prepare_inputs(cfg, layout, tokens, old_logprobs, advantages, mask, **inputs, lean=fused)
+    return batch, None if fused else batch_segment_ids(batch, cfg.granularity)
+
+
 @SSPO_LOSS_OPTIONS.signature
 def sspo_loss(
     logits: torch.Tensor,
@@ -109,10 +120,7 @@ def sspo_loss(
     backend = get_backend(
         opts["backend"], layout.device, chunk_size=opts["chunk_size"], compile_chunks=opts["compile_chunks"]
     )
-    fused = backend.fuses_step(cfg.loss_agg_mode)  # the step numbers segments and checks tokens itself
-    inputs = {k: opts[k] for k in INPUT_NAMES}
-    batch = prepare_inputs(cfg, layout, tokens, old_logprobs, advantages, mask, **inputs, lean=fused)
-    seg = None if fused else batch_segment_ids(batch, cfg.granularity)
+    batch, seg = batch_and_segments(cfg, layout, backend, opts, tokens, old_logprobs, advantages, mask)
     loss, logp, entropy, *metrics = SSPOLossFunction.apply(logits, batch, seg, cfg, backend, inplace, parallel)
     return make_output(cfg, batch, loss, logp, entropy, metrics)
 
