@@ -4,6 +4,7 @@ Importing this package touches no device and reads no environment variable.
 """
 
 from sspo_kernels._types import METRIC_NAMES, SSPOOutput
+from sspo_kernels._utils import empty_cache
 from sspo_kernels.boundary import SENTENCE_CHARS, SUBSENTENCE_CHARS, boundary_table
 from sspo_kernels.from_logprobs import SSPOLossFromLogprobs, sspo_loss_from_logprobs
 from sspo_kernels.fused_linear import SSPOLossFromHidden, sspo_loss_from_hidden
@@ -18,6 +19,7 @@ __all__ = [
     "SSPOLossFromLogprobs",
     "SSPOOutput",
     "boundary_table",
+    "empty_cache",
     "segment_ids",
     "sspo_loss",
     "sspo_loss_from_hidden",

@@ -56,11 +56,12 @@ class SSPOOutput(NamedTuple):
 
 class VocabStats(NamedTuple):
     """What a vocabulary pass's forward returns and its backward takes back: (N,) fp32 each, 0 where
-    masked out."""
+    masked out, and the row statistics (..., N) that one backward reuses (None for the others)."""
 
     logp: torch.Tensor  # l_t = log p_t[y_t]
     entropy: torch.Tensor  # H_t
     lse: torch.Tensor  # logsumexp of z_t / tau
+    rows: torch.Tensor | None = None  # the torch pass's (5, N) fp32 row max and sums
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from sspo_kernels._types import VocabStats
 @dataclass(frozen=True)
 class Backend:
     name: str
-    vocab_fwd_impl: Callable  # (logits, tokens, mask, temperature) -> (logp, entropy, lse)
+    vocab_fwd_impl: Callable  # (logits, tokens, mask, temperature) -> (logp, entropy, lse[, rows])
     vocab_bwd_impl: Callable  # the launchers' common backward signature (see `vocab_bwd`)
     segment_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (values (N, K), seg (N,)) -> (N, K)
     # the whole segment step of a scalar loss in one op, or None: `ops/objective.py` composes it
@@ -56,7 +56,7 @@ class Backend:
         entropy term), shaped like logits in their dtype (the logits buffer itself when `inplace`)."""
         return self.vocab_bwd_impl(
             logits, tokens, mask, stats.lse, stats.entropy, grad_logp, grad_entropy, temperature,
-            inplace=inplace, logp=stats.logp,
+            inplace=inplace, logp=stats.logp, rows=stats.rows,
         )  # fmt: skip
 
 

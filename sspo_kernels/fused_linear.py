@@ -254,8 +254,11 @@ class TwoPhaseFunction(torch.autograd.Function):
             logits = _chunk_logits(hidden[s:e], weight, bias, buffer)
             if shard is None:
                 chunk = backend.vocab_fwd(logits, batch.tokens[s:e], batch.mask[s:e], cfg.temperature)
+                if chunk.rows is not None and stats.rows is None:  # the torch pass's row statistics
+                    stats = stats._replace(rows=chunk.rows.new_empty((*chunk.rows.shape[:-1], n)))
                 for out, value in zip(stats, chunk):
-                    out[s:e] = value
+                    if value is not None:
+                        out[..., s:e] = value
             else:
                 partial[s:e] = shard.partial(logits, batch.tokens[s:e], batch.mask[s:e], cfg.temperature)
             del logits
@@ -284,7 +287,7 @@ class TwoPhaseFunction(torch.autograd.Function):
         for s, e in ctx.plan.bounds:
             logits = _chunk_logits(hidden[s:e], weight, bias, buffer)
             dlogits = ctx.vocab.vocab_bwd(
-                logits, tokens[s:e], mask[s:e], ctx.stats_type(*(t[s:e] for t in stats)), grad_logp[s:e],
+                logits, tokens[s:e], mask[s:e], ctx.stats_type(*(_rows_of(t, s, e) for t in stats)), grad_logp[s:e],
                 _rows_of(grad_entropy, s, e), cfg.temperature, inplace=True,
             )  # fmt: skip
             grads.add_chunk(dlogits, hidden[s:e], mask[s:e], weight, s, e)
@@ -361,7 +364,8 @@ def _needs(ctx, grad_on: bool) -> tuple[bool, bool, bool]:
 
 
 def _rows_of(t: torch.Tensor | None, s: int, e: int) -> torch.Tensor | None:
-    return None if t is None else t[s:e]
+    """Tokens s:e of a per-token tensor (its last dimension), or None."""
+    return None if t is None else t[..., s:e]
 
 
 def _finish(grad: torch.Tensor | None, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

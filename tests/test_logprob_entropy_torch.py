@@ -101,7 +101,7 @@ def check_grad(grad, logits, tokens, mask, g, e, tau):
 
 def run_both(logits, tokens, mask, g, e, tau, **kw):
     """Forward, then the backward from its lse and entropy; checks both against the reference."""
-    logp, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, tau, **kw)
+    logp, entropy, lse, _ = logprob_entropy_fwd(logits, tokens, mask, tau, **kw)
     check_fwd((logp, entropy, lse), logits, tokens, mask, tau)
     grad = logprob_entropy_bwd(logits, tokens, mask, lse, entropy, g, e, tau, **kw)
     check_grad(grad, logits, tokens, mask, g, e, tau)
@@ -138,7 +138,7 @@ def test_qwen_sized_vocab(dtype):
 
 def test_float64_logits_are_computed_in_fp32():
     logits, tokens, mask, g, e = make_case(9, 300, torch.float64, seed=2)
-    logp, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 1.0, chunk_size=4)
+    logp, entropy, lse, _ = logprob_entropy_fwd(logits, tokens, mask, 1.0, chunk_size=4)
     for name, got, want in zip(
         ("logp", "entropy", "lse"), (logp, entropy, lse), reference_fwd(logits, tokens, mask, 1.0)
     ):
@@ -177,7 +177,7 @@ def test_batched_views(dtype, kind, inplace):
     before = storage.clone()
     want = reference_grad(logits, tokens, mask, g, e, 0.7)
 
-    logp, entropy, lse = logprob_entropy_fwd(logits, tokens.reshape(-1), mask.reshape(-1), 0.7, chunk_size=4)
+    logp, entropy, lse, _ = logprob_entropy_fwd(logits, tokens.reshape(-1), mask.reshape(-1), 0.7, chunk_size=4)
     check_fwd((logp, entropy, lse), logits, tokens, mask, 0.7)
     grad = logprob_entropy_bwd(
         logits, tokens.reshape(-1), mask.reshape(-1), lse, entropy, g, e, 0.7, inplace=inplace, chunk_size=4
@@ -200,7 +200,7 @@ def test_batched_views(dtype, kind, inplace):
 def test_inplace_equals_out_of_place(dtype):
     logits, tokens, mask, g, e = make_case(37, 1000, dtype, seed=4)
     before = logits.clone()
-    _, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 0.7, chunk_size=6)
+    _, entropy, lse, _ = logprob_entropy_fwd(logits, tokens, mask, 0.7, chunk_size=6)
     fresh = logprob_entropy_bwd(logits, tokens, mask, lse, entropy, g, e, 0.7, chunk_size=6)
     assert same_bits(logits, before), "the out-of-place backward modified its input"
     assert fresh.data_ptr() != logits.data_ptr()
@@ -216,7 +216,7 @@ def test_fully_masked_batch_gives_zeros():
     tokens[:] = IGNORE
     logits[:] = float("nan")
     outs = logprob_entropy_fwd(logits, tokens, mask, 1.0, chunk_size=4)
-    for t in outs:
+    for t in outs[:3]:
         assert torch.equal(t, torch.zeros(6))
     grad = logprob_entropy_bwd(logits, tokens, mask, *outs[2:0:-1], g, e, 1.0, chunk_size=4)
     assert torch.equal(grad, torch.zeros_like(grad))
@@ -232,7 +232,7 @@ def test_bad_chunk_size(chunk):
 def test_empty_batch():
     logits = torch.randn(0, 11)
     tokens, mask = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool)
-    logp, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 1.0)
+    logp, entropy, lse, _ = logprob_entropy_fwd(logits, tokens, mask, 1.0)
     assert logp.shape == entropy.shape == lse.shape == (0,)
     grad = logprob_entropy_bwd(logits, tokens, mask, lse, entropy, lse, lse, 1.0)
     assert grad.shape == (0, 11)
@@ -269,7 +269,7 @@ def test_non_finite_logits_propagate(bad):
     tokens[hit] = 3
     logits[hit] = torch.randn(2, 64)
     logits[hit, 17] = bad
-    logp, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 1.0, chunk_size=3)
+    logp, entropy, lse, _ = logprob_entropy_fwd(logits, tokens, mask, 1.0, chunk_size=3)
     grad = logprob_entropy_bwd(logits, tokens, mask, lse, entropy, g, e, 1.0, chunk_size=3)
     others = [i for i in range(10) if i not in hit]
     for name, t in (("logp", logp), ("entropy", entropy), ("lse", lse)):
@@ -282,20 +282,23 @@ def test_non_finite_logits_propagate(bad):
     assert_rel_norm("dlogits (finite rows)", grad[others], want[others], tol=GRAD_REL_FP32)
 
 
+@pytest.mark.parametrize("given_rows", [True, False], ids=["forward-rows", "rows-recomputed"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
 @pytest.mark.parametrize("tau", [1.0, 0.7], ids=["tau1", "tau0.7"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_without_entropy_term(dtype, tau, inplace):
-    """grad_entropy=None (the entropy used detached) takes its own, shorter backward: same gradient
-    as e = 0, masked-out NaN rows exactly 0, a -inf logit (at a target too) finite."""
+def test_without_entropy_term(dtype, tau, inplace, given_rows):
+    """grad_entropy=None (the entropy used detached) takes its own, shorter backward from the forward's
+    row statistics: same gradient as e = 0, masked-out NaN rows exactly 0, a -inf logit (at a target
+    too) finite."""
     logits, tokens, mask, g, _ = make_case(37, 1000, dtype, seed=12)
     mask[1], tokens[1], logits[1] = True, 7, 3 * torch.randn(1000)
     logits[0, tokens[0]] = -math.inf
     logits[1, 5] = -math.inf
-    _, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, tau, chunk_size=6)
+    _, entropy, lse, rows = logprob_entropy_fwd(logits, tokens, mask, tau, chunk_size=6)
     grad = logprob_entropy_bwd(
-        logits.clone() if inplace else logits, tokens, mask, lse, entropy, g, None, tau, chunk_size=6, inplace=inplace
-    )
+        logits.clone() if inplace else logits, tokens, mask, lse, entropy, g, None, tau, chunk_size=6,
+        inplace=inplace, rows=rows if given_rows else None,
+    )  # fmt: skip
     assert torch.isfinite(grad).all()
     check_grad(grad, logits, tokens, mask, g, torch.zeros_like(g), tau)
 
@@ -307,8 +310,8 @@ def test_non_finite_logits_propagate_without_entropy_term(bad):
     mask[hit], tokens[hit] = True, 3
     logits[hit] = torch.randn(2, 64)
     logits[hit, 17] = bad
-    _, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 1.0, chunk_size=3)
-    grad = logprob_entropy_bwd(logits, tokens, mask, lse, entropy, g, None, 1.0, chunk_size=3)
+    _, entropy, lse, rows = logprob_entropy_fwd(logits, tokens, mask, 1.0, chunk_size=3)
+    grad = logprob_entropy_bwd(logits, tokens, mask, lse, entropy, g, None, 1.0, chunk_size=3, rows=rows)
     assert torch.isnan(grad[hit]).all(), "dlogits: every entry of the row must be NaN"
     others = [i for i in range(10) if i not in hit]
     keep = mask.clone()
@@ -335,7 +338,7 @@ def test_peak_memory_is_two_chunk_buffers(dtype):
     chunk_buf = chunk * v * 4
     slack = 64 * 2**10  # the (N,) per-row vectors
     grad_bytes = logits.numel() * logits.element_size()
-    _, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 1.0, chunk_size=chunk)
+    _, entropy, lse, _ = logprob_entropy_fwd(logits, tokens, mask, 1.0, chunk_size=chunk)
     fwd = peak_extra_bytes(lambda: logprob_entropy_fwd(logits, tokens, mask, 1.0, chunk_size=chunk))
     assert fwd <= 2 * chunk_buf + slack, fwd
     bwd_args = (logits, tokens, mask, lse, entropy, g, e, 1.0)

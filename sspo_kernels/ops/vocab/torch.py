@@ -15,12 +15,14 @@ two fp32 workspaces allocated once per call, so nothing (N, V)-sized in fp32 eve
 `inplace=True` writes into the logits buffer). Every pass over a chunk then runs from cache.
 
 Cost on a CPU: each (C, V) op runs from cache, while the first read of the logits and the first
-write of the fresh gradient buffer run at memory speed, the latter slower still because the kernel
-faults in and zeroes its pages (measured in bench/RESULTS.md; huge-page advice for that buffer was
-tried and dropped: it made some calls several times slower). So the passes over a chunk are few:
-7 in the forward, 6 in the backward without the entropy term (grad_entropy None, as in SSPO where
-the entropy is used detached) and 11 with it; the forward's per-row maths runs once over all rows
-after the loop, and exp is torch.exp (exp2 needs one more multiply).
+write of the gradient buffer run at memory speed. A fresh buffer is slower still, as the kernel
+faults in and zeroes its pages: on the CPU the gradient buffer is therefore kept between calls and
+handed out again once the caller has dropped it (`_utils.reusable_empty`; huge-page advice was
+tried instead and dropped: it made some calls several times slower; bench/RESULTS.md). The passes
+over a chunk are few: 7 in the forward; 4 in the backward without the entropy term (grad_entropy
+None, as in SSPO where the entropy is used detached), which takes softmax(z) from the forward's row
+max and sums; 11 with it. The forward's per-row maths runs once over all rows after the loop, and
+exp is torch.exp (exp2 needs one more multiply).
 
 Numerics:
 - Everything works on values shifted by the row max, s = z - max(z), never on z itself, so
@@ -29,14 +31,17 @@ Numerics:
 - The sums over a row leave the target out and add its term last: when y is the argmax (s_y = 0),
   log S = log1p(sum_{v != y} e^s) and 1 - p_y = sum_{v != y} p_v keep their digits as p_y -> 1,
   where fl(S) = 1 + tiny or 1 - fl(p_y) would cancel (a logit gap of 17 made 1 - p_y exactly 0).
-- The backward recomputes the chunk's statistics from its logits instead of using the forward's
-  rounded lse and H: the entropy term -p (log p + H) is formed as -p (s - E_p[s]), one quantity,
-  where log p and H are each ~log V and their fp32 sum would keep only ~ulp(log V) of it.
+- The backward never uses the forward's rounded lse and H. Without the entropy term it takes the
+  forward's fp32 row max and sums (p = e^s / S, 1 - p_y = sum_{v != y} e^s / S), the numbers a
+  recompute would give; with it, it recomputes the chunk's statistics from its logits: the entropy
+  term -p (log p + H) is formed as -p (s - E_p[s]), one quantity, where log p and H are each
+  ~log V and their fp32 sum would keep only ~ulp(log V) of it.
 - Masked-out rows never reach an output: the forward selects with `torch.where` on the per-row
   results; the backward makes each chunk finite (`nan_to_num`) and then zeroes those rows by a
   product with 0 (their mask, or their per-row factor): half the time of a `torch.where` over the
   chunk (0.3 against 0.6 ns per element). NaN or garbage logits there therefore stay invisible,
-  while NaN at a masked-in row propagates to that row through its max (or 1 / S) to every entry.
+  while NaN at a masked-in row propagates to that row through its max or its S (in 1 / S) to every
+  entry.
   NaN and +inf logits give NaN; a -inf logit (a vocabulary entry masked out by the caller) is a
   probability of exactly 0 and contributes 0 * log 0 = 0, as in the reference and the kernels.
   At the target it is l_t = -inf, p_y = 0: the gradient stays finite (g_t at the target column).
@@ -57,12 +62,13 @@ import functools
 
 import torch
 
-from sspo_kernels._utils import new_empty
+from sspo_kernels._utils import new_empty, reusable_empty
 
 # Bytes of one chunk's working set: two fp32 temporaries plus its logits and gradient rows, sized to
-# stay in a core's L2 (8 rows at V=32000 fp32): 4 to 8 rows measured fastest there, 16 and 32 rows
-# slower as the chunk leaves the cache (bench/RESULTS.md, "rows per chunk").
-_CHUNK_BYTES = 4 * 2**20
+# stay in a core's L2 (2 MiB on the reference machine; 4 rows at V=32000 fp32): 3 to 4 rows measured
+# fastest there, 8 rows 10% slower and 16 or 32 slower still as the chunk leaves the cache
+# (bench/RESULTS.md, "rows per chunk").
+_CHUNK_BYTES = 2 * 2**20
 _FP32_TEMPS = 2
 
 
@@ -184,28 +190,22 @@ def _fwd_finish(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return m + log_sum, entropy, s_y - log_sum
 
 
-def _bwd_chunk_logp(x, col, keep, neg_g, g, tau: float, s, out) -> None:
-    """`_bwd_chunk` without the entropy term: out <- (g / tau) (onehot(y) - softmax(z)), in place
-    when out is x.
+def _bwd_chunk_logp(x, col, shift, scale, target, tau: float, s, out) -> None:
+    """`_bwd_chunk` without the entropy term, from the forward's row statistics: out <- (g / tau)
+    (onehot(y) - softmax(z)), in place when out is x.
 
-    col, keep: (C, 1) targets and bool mask; neg_g, g: (C, 1) -g / tau and g / tau, zero where masked
-    out; s: (C, V) fp32 workspace, used when x or out is not fp32 or tau != 1."""
+    col: (C, 1) targets; shift: (C, 1) the forward's max(z); scale: (C, 1) -g / (tau S) with S the
+    forward's sum of e^{z - max z}; target: (C, 1) g (1 - p_y) / tau; scale and target are zero where
+    masked out. s: (C, V) fp32 workspace, used when x or out is not fp32 or tau != 1."""
     src = x
     if x.dtype != torch.float32 or tau != 1.0:
         _load(x, s, tau)
         src = s
     dst = out if out.dtype == torch.float32 else s
-    m = src.amax(-1, keepdim=True)  # NaN / +inf of a masked-in row stay in its max, so in p_y
-    torch.sub(src, m, out=dst).exp_()
-    p_y = dst.gather(1, col)
-    # finite from here: a masked-out row's garbage is then zeroed by its factor, while a masked-in
-    # row with NaN / +inf gets a NaN or infinite 1 / S, hence a NaN row
-    dst.scatter_(1, col, 0.0).nan_to_num_(0.0, 0.0, 0.0)
-    sum_other = dst.sum(-1, keepdim=True)
-    k = torch.where(keep, (sum_other + p_y).reciprocal_(), 0.0)  # p / S is the softmax
-    dst.mul_(k * neg_g)
-    # g (1 - p_y) / tau, with 1 - p_y = sum_{v != y} p_v / S
-    dst.scatter_(1, col, sum_other.mul_(k).mul_(g))
+    # finite after nan_to_num: a masked-out row's garbage is then zeroed by its scale, while a
+    # masked-in row with NaN / +inf has a NaN S in the forward, hence a NaN scale and a NaN row
+    torch.sub(src, shift, out=dst).exp_().nan_to_num_(0.0, 0.0, 0.0)
+    dst.mul_(scale).scatter_(1, col, target)
     if dst is not out:
         out.copy_(dst)
 
@@ -312,13 +312,15 @@ def logprob_entropy_fwd(
     *,
     chunk_size: int | None = None,
     use_compile: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token log p[y], entropy and lse of z = logits / temperature, in fp32.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-token log p[y], entropy and lse of z = logits / temperature, in fp32, and the row
+    statistics the backward reuses.
 
     logits (N, V) or (B, T, V) with any strides, bf16 / fp16 / fp32 / fp64; tokens (N,) int, any
     value where masked out; mask (N,) bool. Returns logp, entropy, lse: (N,) float32, exactly 0 at
-    masked-out rows. `chunk_size` rows at a time (default `vocab_chunk_rows`). `use_compile`
-    runs each chunk through `torch.compile` (off by default: see the module docstring).
+    masked-out rows, and rows: (5, N) float32 (`_fwd_chunk`'s statistics, garbage where masked out;
+    None with `use_compile`). `chunk_size` rows at a time (default `vocab_chunk_rows`).
+    `use_compile` runs each chunk through `torch.compile` (off by default: see the module docstring).
     """
     y, mask = _check(logits, tokens, mask, chunk_size)
     n, vocab = y.shape[0], logits.shape[-1]
@@ -333,6 +335,7 @@ def logprob_entropy_fwd(
             _rows_dynamic(*args)
             for out, value in zip(outs, _compiled(_fwd_chunk_fused)(*args, tau)):
                 torch.where(mask[r0:r1], value, zero, out=out[r0:r1])
+        stats = None
     else:
         # per-chunk work is the (C, V) passes only; the per-row maths runs once over all rows
         stats = new_empty((5, n), torch.float32, device)
@@ -341,7 +344,7 @@ def logprob_entropy_fwd(
             _fwd_chunk(x, y[r0:r1], tau, *(w[: r1 - r0] for w in work), stats[:, r0:r1])
         outs = [torch.where(mask, value, zero) for value in _fwd_finish(stats)]
     lse, entropy, logp = outs
-    return logp, entropy, lse
+    return logp, entropy, lse, stats
 
 
 # ---------------------------------------------------------------- backward launcher
@@ -359,42 +362,50 @@ def logprob_entropy_bwd(
     *,
     inplace: bool = False,
     logp: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
     chunk_size: int | None = None,
     use_compile: bool = False,
 ) -> torch.Tensor:
     """dLoss/dlogits from the upstream grad_logp, grad_entropy (N,) fp32 (None: no entropy term).
 
-    Each chunk's softmax statistics are recomputed from its logits (shifted by the row max, as in the
-    forward), so _lse, _entropy and logp are accepted for the launchers' common signature and not read:
-    1 - p_y is the sum of the other probabilities, and the entropy term uses log p + H = s - E_p[s],
-    neither of which the forward's rounded fp32 statistics give to full precision. Returns a tensor
-    shaped like logits in its dtype, zero at masked-out rows; with `inplace=True` it is the logits
-    buffer itself, overwritten. `chunk_size` and `use_compile` as in `logprob_entropy_fwd`.
+    Without the entropy term, softmax(z) comes from the forward's fp32 row max and sums (`rows`, the
+    forward's fourth output; recomputed by one more forward pass when not given): the same numbers a
+    recompute gives, and 1 - p_y is the sum of the other probabilities over S. With it, each chunk's
+    statistics are recomputed from its logits, as log p + H = s - E_p[s] needs every s. _lse, _entropy
+    and logp are accepted for the launchers' common signature and not read: the rounded fp32 lse and H
+    do not give these to full precision. Returns a tensor shaped like logits in its dtype, zero at
+    masked-out rows; with `inplace=True` it is the logits buffer itself, overwritten. `chunk_size` and
+    `use_compile` as in `logprob_entropy_fwd`.
     """
     del _lse, _entropy, logp
     y, mask = _check(logits, tokens, mask, chunk_size)
     n, vocab = y.shape[0], logits.shape[-1]
     tau = float(temperature)
     # Per-row factors, zero where masked out (whatever the caller stored there).
-    rows = [None if t is None else torch.where(mask, t.reshape(-1).float(), 0.0) for t in (grad_logp, grad_entropy)]
-    grad = logits if inplace else new_empty(logits.shape, logits.dtype, logits.device)
-    grad_rows = None if inplace else grad.view(n, vocab)  # a fresh buffer is contiguous
+    factors = [None if t is None else torch.where(mask, t.reshape(-1).float(), 0.0) for t in (grad_logp, grad_entropy)]
     chunk = chunk_size or vocab_chunk_rows(vocab, logits.dtype)
-    no_entropy = rows[1] is None and not use_compile
+    no_entropy = factors[1] is None and not use_compile
     if no_entropy:  # (N, 1) columns, sliced per chunk; one workspace only to load non-fp32 or z / tau
-        y_col, keep, pos_g = y[:, None], mask[:, None], rows[0][:, None] / tau
-        neg_g = -pos_g
+        if rows is None:
+            rows = logprob_entropy_fwd(logits, tokens, mask, tau, chunk_size=chunk_size)[3]
+        shift, _, e_y, sum_other, _ = rows
+        g_over_s = factors[0] / (tau * (sum_other + e_y))
+        scale = torch.where(mask, -g_over_s, 0.0)[:, None]
+        target = torch.where(mask, g_over_s * sum_other, 0.0)[:, None]  # g (1 - p_y) / tau
+        y_col, shift = y[:, None], shift[:, None]
         count = 0 if logits.dtype == torch.float32 and tau == 1.0 else 1
     else:
         count = 0 if use_compile else 2
+    grad = logits if inplace else reusable_empty(logits.shape, logits.dtype, logits.device)
+    grad_rows = None if inplace else grad.view(n, vocab)  # a fresh buffer is contiguous
     work = _workspace(count, min(chunk, n), vocab, logits.device)
     for r0, r1, x in _chunks(_row_pieces(logits), chunk):
         out = x if inplace else grad_rows[r0:r1]
         if no_entropy:
-            cols = (y_col[r0:r1], keep[r0:r1], neg_g[r0:r1], pos_g[r0:r1])
+            cols = (y_col[r0:r1], shift[r0:r1], scale[r0:r1], target[r0:r1])
             _bwd_chunk_logp(x, *cols, tau, work[0][: r1 - r0] if work else None, out)
             continue
-        args = (x, y[r0:r1], mask[r0:r1], *(None if t is None else t[r0:r1] for t in rows), tau)
+        args = (x, y[r0:r1], mask[r0:r1], *(None if t is None else t[r0:r1] for t in factors), tau)
         if use_compile:
             _rows_dynamic(*(a for a in args[:-1] if a is not None), out)
             _compiled(_bwd_chunk_fused)(*args, out)

@@ -330,6 +330,7 @@ def logprob_entropy_bwd(
     *,
     inplace: bool = False,
     logp: torch.Tensor | None = None,
+    rows: None = None,
     row_start: int = 0,
     num_rows: int | None = None,
     config: tuple[int, int] | None = None,
@@ -345,6 +346,7 @@ def logprob_entropy_bwd(
         likely targets, and 1 - p_y = -expm1(logp_y) keeps its digits as p_y -> 1; without it,
         p = exp(z - lse) carries the rounding of the fp32 lse, a relative error of ~eps32 * |lse|
         (4e-5 at lse ~ 1e3, 4e-6 at lse ~ 30), and 1 - p_y the same absolute error.
+    rows: the torch pass's row statistics, accepted for the common signature; this forward has none.
     inplace: write the gradient over the logits buffer and return logits itself (needs a unit last
         stride); otherwise return a new contiguous tensor shaped like logits.
     row_start, num_rows, config: as in `logprob_entropy_fwd`; rows outside the range are not written.
