@@ -114,8 +114,12 @@ def alloc_profile(phases: dict[str, Callable[[], object]], device: str, between:
 
     CPU: one torch.profiler(profile_memory=True) session; its allocation events are replayed
     between the start and end of each phase's record_function range. CUDA: the caching allocator's
-    statistics (memory_allocated, max_memory_allocated).
+    statistics (memory_allocated, max_memory_allocated). The gradient buffer that the package keeps
+    between CPU calls is released before each phase, so a phase that needs one counts it.
     """
+    from sspo_kernels import empty_cache
+
+    between = (lambda restore: lambda: (restore(), empty_cache()))(between)
     if device == "cuda":
         result = {}
         for name, fn in phases.items():

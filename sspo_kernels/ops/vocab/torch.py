@@ -19,7 +19,7 @@ write of the gradient buffer run at memory speed. A fresh buffer is slower still
 faults in and zeroes its pages: on the CPU the gradient buffer is therefore kept between calls and
 handed out again once the caller has dropped it (`_utils.reusable_empty`; huge-page advice was
 tried instead and dropped: it made some calls several times slower; bench/RESULTS.md). The passes
-over a chunk are few: 7 in the forward; 4 in the backward without the entropy term (grad_entropy
+over a chunk are few: 6 in the forward; 4 in the backward without the entropy term (grad_entropy
 None, as in SSPO where the entropy is used detached), which takes softmax(z) from the forward's row
 max and sums; 11 with it. The forward's per-row maths runs once over all rows after the loop, and
 exp is torch.exp (exp2 needs one more multiply).
@@ -153,36 +153,40 @@ def _log_sum(s_y: torch.Tensor, sum_other: torch.Tensor, total: torch.Tensor) ->
     return torch.where(s_y == 0, torch.log1p(sum_other), total.log())
 
 
-def _fwd_chunk(x: torch.Tensor, y: torch.Tensor, tau: float, s: torch.Tensor, e: torch.Tensor, stats) -> None:
-    """Row statistics of the rows x (C, V) for targets y (C,) in range, into `stats`.
-
-    stats: five (C,) fp32 views, written: max(z), s_y, e^{s_y}, sum_{v != y} e^s, sum_{v != y} e^s s
-    with s = z - max(z) (see `_fwd_finish`). s, e: (C, V) fp32 workspaces."""
-    m, s_y, e_y, sum_other, t = stats
-    if x.dtype == torch.float32:
-        torch.amax(x, -1, out=m)
-    else:
-        m.copy_(x.amax(-1))
-    if tau != 1.0:
-        m.div_(tau)  # max(x / tau) = max(x) / tau: rounding is monotone
+def _fwd_chunk(x: torch.Tensor, col: torch.Tensor, tau: float, s: torch.Tensor, e: torch.Tensor, m, sum_other, t):
+    """Row statistics of the rows x (C, V) for targets col (C, 1) in range, written into the fp32 views
+    m (C, 1) max(z), sum_other (C,) sum_{v != y} e^s and t (C,) sum_{v != y} e^s s, with s = z - max(z)
+    (see `_fwd_finish`). s, e: (C, V) fp32 workspaces."""
     if x.dtype == torch.float32 and tau == 1.0:
-        torch.sub(x, m[:, None], out=s)  # one pass
+        torch.amax(x, -1, keepdim=True, out=m)
+        torch.sub(x, m, out=s)  # one pass
     else:
         _load(x, s, tau)
-        s.sub_(m[:, None])
-    col = y[:, None]
-    torch.gather(s, 1, col, out=s_y[:, None])
+        torch.amax(s, -1, keepdim=True, out=m)  # max(x) / tau, as rounding is monotone
+        s.sub_(m)
     torch.exp(s, out=e)
-    torch.gather(e, 1, col, out=e_y[:, None])
     e.scatter_(1, col, 0.0)  # the sums run over v != y; the target's terms are added back in _fwd_finish
     torch.sum(e, -1, out=sum_other)
-    s.clamp_(min=_NO_PROB)  # -inf (p = 0) would make e * s = 0 * -inf = NaN
-    torch.sum(e.mul_(s), -1, out=t)
+    # e * s is NaN where s = -inf (p = 0: a term 0, which nansum drops) or where the row holds a NaN
+    # or +inf logit (its sum_other is NaN, so the row's entropy is NaN whatever t is): no clamp pass
+    torch.nansum(e.mul_(s), -1, out=t)
+
+
+def _target_logits(pieces: list[tuple[int, torch.Tensor]], y: torch.Tensor, tau: float, out: torch.Tensor) -> None:
+    """out (N,) fp32 <- z at each row's target, rounded as `_load` rounds it: one gather per piece."""
+    for row0, piece in pieces:
+        rows = slice(row0, row0 + piece.shape[0])
+        out[rows] = torch.gather(piece, 1, y[rows, None])[:, 0]
+    if tau != 1.0:
+        out.div_(tau)
 
 
 def _fwd_finish(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """lse, entropy, logp (N,) from the (5, N) statistics of `_fwd_chunk`, all rows at once."""
+    """lse, entropy, logp (N,) from the (5, N) statistics, all rows at once: rows 0, 3, 4 from
+    `_fwd_chunk`, row 1 z_y from `_target_logits`, turned here into s_y = z_y - max(z); row 2 <- e^{s_y}."""
     m, s_y, e_y, sum_other, t = stats
+    s_y.sub_(m)  # the value the chunk's s has at the target
+    torch.exp(s_y, out=e_y)
     total = sum_other + e_y
     log_sum = _log_sum(s_y, sum_other, total)
     t = t + e_y * s_y.clamp(min=_NO_PROB)
@@ -339,9 +343,13 @@ def logprob_entropy_fwd(
     else:
         # per-chunk work is the (C, V) passes only; the per-row maths runs once over all rows
         stats = new_empty((5, n), torch.float32, device)
+        pieces = _row_pieces(logits)
+        _target_logits(pieces, y, tau, stats[1])
         work = _workspace(2, min(chunk, n), vocab, device)
-        for r0, r1, x in _chunks(_row_pieces(logits), chunk):
-            _fwd_chunk(x, y[r0:r1], tau, *(w[: r1 - r0] for w in work), stats[:, r0:r1])
+        y_col, m_col, sum_other, t = y[:, None], stats[0][:, None], stats[3], stats[4]
+        for r0, r1, x in _chunks(pieces, chunk):
+            ws = work if r1 - r0 == chunk else [w[: r1 - r0] for w in work]
+            _fwd_chunk(x, y_col[r0:r1], tau, *ws, m_col[r0:r1], sum_other[r0:r1], t[r0:r1])
         outs = [torch.where(mask, value, zero) for value in _fwd_finish(stats)]
     lse, entropy, logp = outs
     return logp, entropy, lse, stats
