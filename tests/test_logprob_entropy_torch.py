@@ -282,15 +282,17 @@ def test_non_finite_logits_propagate(bad):
     assert_rel_norm("dlogits (finite rows)", grad[others], want[others], tol=GRAD_REL_FP32)
 
 
+@pytest.mark.parametrize("drop", [0.3, 0.0], ids=["padded", "no-padding"])
 @pytest.mark.parametrize("given_rows", [True, False], ids=["forward-rows", "rows-recomputed"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
 @pytest.mark.parametrize("tau", [1.0, 0.7], ids=["tau1", "tau0.7"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_without_entropy_term(dtype, tau, inplace, given_rows):
+def test_without_entropy_term(dtype, tau, inplace, given_rows, drop):
     """grad_entropy=None (the entropy used detached) takes its own, shorter backward from the forward's
-    row statistics: same gradient as e = 0, masked-out NaN rows exactly 0, a -inf logit (at a target
-    too) finite."""
-    logits, tokens, mask, g, _ = make_case(37, 1000, dtype, seed=12)
+    row statistics (one pass fewer when no row is masked out): same gradient as e = 0, masked-out
+    NaN rows exactly 0, a -inf logit (at a target too) finite."""
+    logits, tokens, mask, g, _ = make_case(37, 1000, dtype, seed=12, drop=drop)
+    assert bool(mask.all()) == (drop == 0.0)
     mask[1], tokens[1], logits[1] = True, 7, 3 * torch.randn(1000)
     logits[0, tokens[0]] = -math.inf
     logits[1, 5] = -math.inf
@@ -303,9 +305,10 @@ def test_without_entropy_term(dtype, tau, inplace, given_rows):
     check_grad(grad, logits, tokens, mask, g, torch.zeros_like(g), tau)
 
 
+@pytest.mark.parametrize("drop", [0.3, 0.0], ids=["padded", "no-padding"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_non_finite_logits_propagate_without_entropy_term(bad):
-    logits, tokens, mask, g, _ = make_case(10, 64, torch.float32, seed=9)
+def test_non_finite_logits_propagate_without_entropy_term(bad, drop):
+    logits, tokens, mask, g, _ = make_case(10, 64, torch.float32, seed=9, drop=drop)
     hit = [1, 4]
     mask[hit], tokens[hit] = True, 3
     logits[hit] = torch.randn(2, 64)

@@ -21,8 +21,8 @@ handed out again once the caller has dropped it (`_utils.reusable_empty`; huge-p
 tried instead and dropped: it made some calls several times slower; bench/RESULTS.md). The passes
 over a chunk are few: 6 in the forward; 4 in the backward without the entropy term (grad_entropy
 None, as in SSPO where the entropy is used detached), which takes softmax(z) from the forward's row
-max and sums; 11 with it. The forward's per-row maths runs once over all rows after the loop, and
-exp is torch.exp (exp2 needs one more multiply).
+max and sums (3 on the CPU when no row is masked out); 11 with it. The forward's per-row maths runs
+once over all rows after the loop, and exp is torch.exp (exp2 needs one more multiply).
 
 Numerics:
 - Everything works on values shifted by the row max, s = z - max(z), never on z itself, so
@@ -47,7 +47,8 @@ Numerics:
   At the target it is l_t = -inf, p_y = 0: the gradient stays finite (g_t at the target column).
 
 No host syncs: row ranges come from shapes only, masked rows are handled by selection, never by
-boolean indexing, so the code also runs on a GPU without waiting for it.
+boolean indexing, so the code also runs on a GPU without waiting for it. The one read of a value,
+whether the mask holds any masked-out row, is made on the CPU only and not under torch.compile.
 
 torch.compile is opt-in (`use_compile=True`), off by default. Measured on the 2-core reference CPU
 at N=1024, V=32000 fp32 (one thread): it makes the forward 1.45x faster (23 against 33 ms) but
@@ -194,21 +195,25 @@ def _fwd_finish(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return m + log_sum, entropy, s_y - log_sum
 
 
-def _bwd_chunk_logp(x, col, shift, scale, target, tau: float, s, out) -> None:
+def _bwd_chunk_logp(x, col, shift, scale, target, tau: float, s, out, all_kept: bool) -> None:
     """`_bwd_chunk` without the entropy term, from the forward's row statistics: out <- (g / tau)
     (onehot(y) - softmax(z)), in place when out is x.
 
     col: (C, 1) targets; shift: (C, 1) the forward's max(z); scale: (C, 1) -g / (tau S) with S the
     forward's sum of e^{z - max z}; target: (C, 1) g (1 - p_y) / tau; scale and target are zero where
-    masked out. s: (C, V) fp32 workspace, used when x or out is not fp32 or tau != 1."""
+    masked out. s: (C, V) fp32 workspace, used when x or out is not fp32 or tau != 1. all_kept: no
+    row of the batch is masked out."""
     src = x
     if x.dtype != torch.float32 or tau != 1.0:
         _load(x, s, tau)
         src = s
     dst = out if out.dtype == torch.float32 else s
-    # finite after nan_to_num: a masked-out row's garbage is then zeroed by its scale, while a
-    # masked-in row with NaN / +inf has a NaN S in the forward, hence a NaN scale and a NaN row
-    torch.sub(src, shift, out=dst).exp_().nan_to_num_(0.0, 0.0, 0.0)
+    torch.sub(src, shift, out=dst).exp_()
+    # Only a masked-out row's garbage can leave e^{z - max z} non-finite where it matters: a masked-in
+    # row with NaN / +inf has a NaN S in the forward, hence a NaN scale and a NaN row. Made finite, the
+    # garbage is then zeroed by its row's scale.
+    if not all_kept:
+        dst.nan_to_num_(0.0, 0.0, 0.0)
     dst.mul_(scale).scatter_(1, col, target)
     if dst is not out:
         out.copy_(dst)
@@ -401,6 +406,9 @@ def logprob_entropy_bwd(
         scale = torch.where(mask, -g_over_s, 0.0)[:, None]
         target = torch.where(mask, g_over_s * sum_other, 0.0)[:, None]  # g (1 - p_y) / tau
         y_col, shift = y[:, None], shift[:, None]
+        # one host read of the mask, on the CPU only (free there; a sync on a GPU, a graph break
+        # under torch.compile): a batch without padding skips a pass per chunk
+        all_kept = mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all())
         count = 0 if logits.dtype == torch.float32 and tau == 1.0 else 1
     else:
         count = 0 if use_compile else 2
@@ -411,7 +419,7 @@ def logprob_entropy_bwd(
         out = x if inplace else grad_rows[r0:r1]
         if no_entropy:
             cols = (y_col[r0:r1], shift[r0:r1], scale[r0:r1], target[r0:r1])
-            _bwd_chunk_logp(x, *cols, tau, work[0][: r1 - r0] if work else None, out)
+            _bwd_chunk_logp(x, *cols, tau, work[0][: r1 - r0] if work else None, out, all_kept)
             continue
         args = (x, y[r0:r1], mask[r0:r1], *(None if t is None else t[r0:r1] for t in factors), tau)
         if use_compile:
