@@ -66,8 +66,8 @@ import torch
 from sspo_kernels._utils import new_empty, reusable_empty
 
 # Bytes of one chunk's working set: two fp32 temporaries plus its logits and gradient rows, sized to
-# stay in a core's L2 (2 MiB on the reference machine; 4 rows at V=32000 fp32): 3 to 4 rows measured
-# fastest there, 8 rows 10% slower and 16 or 32 slower still as the chunk leaves the cache
+# stay in a core's L2 (2 MiB on the reference machine; 4 rows at V=32000 fp32): 2 to 4 rows measured
+# fastest there, 6 to 8 rows 5-7% slower, 16 and 32 rows 14% slower as the chunk leaves the cache
 # (bench/RESULTS.md, "rows per chunk").
 _CHUNK_BYTES = 2 * 2**20
 _FP32_TEMPS = 2
