@@ -117,9 +117,6 @@ def alloc_profile(phases: dict[str, Callable[[], object]], device: str, between:
     statistics (memory_allocated, max_memory_allocated). The gradient buffer that the package keeps
     between CPU calls is released before each phase, so a phase that needs one counts it.
     """
-    from sspo_kernels import empty_cache
-
-    between = (lambda restore: lambda: (restore(), empty_cache()))(between)
     if device == "cuda":
         result = {}
         for name, fn in phases.items():
@@ -128,9 +125,12 @@ def alloc_profile(phases: dict[str, Callable[[], object]], device: str, between:
         return result
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from sspo_kernels import empty_cache
+
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for name, fn in phases.items():
             between()
+            empty_cache()
             with record_function(f"bench:{name}"):
                 out = fn()
             del out

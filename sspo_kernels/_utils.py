@@ -28,8 +28,8 @@ def new_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: t
 # ---------------------------------------------------------------- the kept CPU gradient buffer
 
 # On the CPU, a fresh (N, V) gradient costs more to fault in than to compute: the kernel maps and
-# zeroes every page on first touch (32 ms for 125 MiB on the 2-core reference machine, against 15 ms
-# to write pages already mapped; bench/RESULTS.md). glibc unmaps blocks that large when freed, so
+# zeroes every page on first touch (filling a fresh 125 MiB buffer took 47 ms on the 2-core
+# reference machine, refilling it 15 ms; bench/RESULTS.md). glibc unmaps blocks that large when freed, so
 # each call pays again. CUDA's caching allocator keeps freed blocks; this keeps one block per (CPU
 # device, dtype), the largest gradient asked for so far, and hands it out again once nothing
 # references it. `empty_cache()` releases it.
@@ -62,7 +62,7 @@ def reusable_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, devi
 
 
 def empty_cache() -> None:
-    """Release the gradient buffers the torch backend keeps between calls on the CPU (see README,
-    "Decisions"); the next call allocates afresh. Tensors handed out earlier stay valid."""
+    """Release the gradient buffers the torch backend keeps between calls on the CPU (README, the
+    edge cases of `sspo_loss`); the next call allocates afresh. Tensors handed out earlier stay valid."""
     with _KEPT_LOCK:
         _KEPT.clear()

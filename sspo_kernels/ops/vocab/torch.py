@@ -413,7 +413,7 @@ def logprob_entropy_bwd(
     else:
         count = 0 if use_compile else 2
     grad = logits if inplace else reusable_empty(logits.shape, logits.dtype, logits.device)
-    grad_rows = None if inplace else grad.view(n, vocab)  # a fresh buffer is contiguous
+    grad_rows = None if inplace else grad.view(n, vocab)  # a new or kept buffer is contiguous
     work = _workspace(count, min(chunk, n), vocab, logits.device)
     for r0, r1, x in _chunks(_row_pieces(logits), chunk):
         out = x if inplace else grad_rows[r0:r1]
