@@ -145,6 +145,19 @@ def finite_number(name: str, value: object, *, positive: bool = False, nonneg: b
     return value
 
 
+# The smallest sampling temperature accepted. Below it the kernels' fp32 shift of the running max,
+# scaled by 1/tau, can overflow to -inf (about 3e-9) and turn an entropy into NaN; no sampler runs there.
+MIN_TEMPERATURE = 1e-6
+
+
+def check_temperature(value: object) -> float:
+    """The temperature as a float: a finite number >= MIN_TEMPERATURE, else a TypeError / ValueError."""
+    tau = finite_number("temperature", value, positive=True)
+    if tau < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:g} (fp32 range of z = x / tau), got {tau:g}")
+    return tau
+
+
 def choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     """`value` if it is one of `choices`, else a ValueError listing them."""
     if value not in choices:
@@ -200,7 +213,7 @@ def make_config(granularity: str = "subsentence", **options: Any) -> LossConfig:
         dual_clip=dual_clip,
         beta=finite_number("beta", o["beta"], nonneg=True),
         entropy_coef=finite_number("entropy_coef", o["entropy_coef"], nonneg=True),
-        temperature=finite_number("temperature", o["temperature"], positive=True),
+        temperature=check_temperature(o["temperature"]),
         loss_agg_mode=choice("loss_agg_mode", o["loss_agg_mode"], AGG_MODES),
         log_ratio_clamp=finite_number("log_ratio_clamp", o["log_ratio_clamp"], positive=True),
         ratio_grad=choice("ratio_grad", o["ratio_grad"], RATIO_GRADS),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -23,6 +26,39 @@ def _poisoned(out: torch.Tensor) -> torch.Tensor:
 def new_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """torch.empty, or a poisoned buffer when SSPO_KERNELS_POISON=1."""
     return _poisoned(torch.empty(shape, dtype=dtype, device=device))
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make `device` the current CUDA device for the launches inside: Triton launches on the current
+    device and its current stream, not on the tensors' device. A no-op for other devices and while
+    torch.compile traces (the compiled graph guards its own device)."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def on_input_device(forward: Callable) -> Callable:
+    """Decorate an autograd Function's `forward(ctx, first_tensor, ...)`: it runs under
+    `device_guard(first_tensor.device)`, and `ctx.launch_device` keeps that device for `on_ctx_device`."""
+
+    @functools.wraps(forward)
+    def guarded(ctx, first: torch.Tensor, *args):
+        ctx.launch_device = first.device
+        with device_guard(first.device):
+            return forward(ctx, first, *args)
+
+    return guarded
+
+
+def on_ctx_device(backward: Callable) -> Callable:
+    """Decorate an autograd Function's `backward(ctx, ...)` to run under `device_guard(ctx.launch_device)`."""
+
+    @functools.wraps(backward)
+    def guarded(ctx, *grads):
+        with device_guard(ctx.launch_device):
+            return backward(ctx, *grads)
+
+    return guarded
 
 
 # ---------------------------------------------------------------- the kept CPU gradient buffer

@@ -28,12 +28,13 @@ def _tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
-def _side_table(name: str, t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small side input (boundary table, cu_seqlens, normaliser): on the logits' device, or on the
-    CPU and copied there (tables are built on the host once); any other device is an error."""
+def side_table(name: str, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small side input (boundary table, cu_seqlens, a normaliser or entropy reference tensor): on the
+    logits' device, or on the CPU and copied there without a host sync (tables are built on the host
+    once); any other device is an error. Contiguous: the fused kernels index it as a flat array."""
     if t.device != device and t.device.type != "cpu":
         raise ValueError(f"{name} is on {t.device} but the inputs are on {device}; keep it on the CPU or that device")
-    return t.to(device, non_blocking=True)
+    return t.to(device, non_blocking=True).contiguous()
 
 
 def _same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -50,7 +51,19 @@ def _token_tensor(name: str, value: object, shape: torch.Size, device: torch.dev
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if kind == "int" and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
         raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    return t.reshape(-1)
+    return flat(t)
+
+
+def entropy_ref_on(cfg: LossConfig, device: torch.device) -> torch.Tensor:
+    """A tensor `entropy_ref` (0-d fp32) on `device`: copied there from the CPU without a host sync."""
+    return side_table("entropy_ref", cfg.entropy_ref, device)
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous (numel,) tensor: a view when it already is one, else a copy. The fused kernels
+    index per-token inputs as flat arrays, so a strided view (a slice of a (B, T, 2) buffer, an
+    expanded or transposed tensor) must never reach them as it is."""
+    return t.reshape(-1).contiguous()
 
 
 def device_check(ok: torch.Tensor, message: str) -> None:
@@ -88,7 +101,7 @@ def response_layout(
             raise ValueError(f"cu_seqlens must be 1-D with B + 1 >= 2 offsets, got shape {tuple(cu.shape)}")
         if cu.is_floating_point() or cu.dtype == torch.bool:
             raise TypeError(f"cu_seqlens must be an integer tensor, got {cu.dtype}")
-        cu = _side_table("cu_seqlens", cu, device).long()
+        cu = side_table("cu_seqlens", cu, device).long()
         ok = (cu[0] == 0) & (cu[-1] == n) & (cu[1:] >= cu[:-1]).all()
         device_check(ok, f"cu_seqlens must start at 0, be non-decreasing and end at the token count {n}")
         ids = torch.searchsorted(cu[1:], torch.arange(n, device=device), right=True) if with_ids else None
@@ -167,9 +180,9 @@ def _advantages(
     n = math.prod(token_shape)
     # Shaped like tokens means per token, also in the ambiguous case of a packed batch with N == B.
     if adv.shape == token_shape:
-        return adv.reshape(-1)
+        return flat(adv)
     elif adv.shape == (num_responses,) and response_ids is None:
-        return adv
+        return adv.contiguous()
     elif adv.shape == (num_responses,):
         return adv[response_ids.clamp(max=max(num_responses - 1, 0))] if n else adv[:0]
     else:
@@ -213,7 +226,7 @@ def prepare_inputs(
     _same_device("mask", mask, device)
     if mask.is_complex():
         raise TypeError(f"mask must be bool or 0/1 numbers, got {mask.dtype}")
-    mask_f = mask.reshape(-1) != 0
+    mask_f = mask.reshape(-1) != 0  # a new, contiguous tensor
 
     num_responses, seq_len, response_ids = response_layout(token_shape, cu_seqlens, device, with_ids=not lean)
 
@@ -249,7 +262,7 @@ def prepare_inputs(
             )
         if boundary.dtype != torch.bool:
             raise TypeError(f"boundary must be a bool tensor, got {boundary.dtype}")
-        boundary = _side_table("boundary", boundary, device)
+        boundary = side_table("boundary", boundary, device)
     else:
         boundary = None
 
@@ -258,6 +271,9 @@ def prepare_inputs(
     if bound is not None and not lean:
         in_range = (tokens_f >= 0) & (tokens_f < bound)
         device_check((in_range | ~mask_f).all(), token_range_message(bound))
+
+    if isinstance(cfg.entropy_ref, torch.Tensor):
+        entropy_ref_on(cfg, device)  # the device check only; the step moves it when it reads it
 
     norm_t = None
     if normalizer is not None:
@@ -268,7 +284,7 @@ def prepare_inputs(
                 )
             if not (normalizer.is_floating_point() or normalizer.dtype in (torch.int32, torch.int64)):
                 raise TypeError(f"normalizer must be a floating-point or integer tensor, got {normalizer.dtype}")
-            norm_t = _side_table("normalizer", normalizer, device).reshape(()).float()
+            norm_t = side_table("normalizer", normalizer, device).reshape(()).float()
             # never hide a NaN or a negative count; 0 means every rank is empty and gives a zero loss
             device_check(
                 torch.isfinite(norm_t) & (norm_t >= 0), "normalizer must be finite and >= 0 (0: an empty batch)"
@@ -297,7 +313,7 @@ def prepare_inputs(
         token_shape=tuple(token_shape),
         normalizer=norm_t,
         norm_len=norm_len,
-        cu_seqlens=None if cu_seqlens is None else _side_table("cu_seqlens", cu_seqlens, device).long(),
+        cu_seqlens=None if cu_seqlens is None else side_table("cu_seqlens", cu_seqlens, device).long(),
         lean=lean,
         token_bound=bound,
     )

@@ -20,6 +20,13 @@ import torch
 from sspo_kernels._options import BACKENDS, choice, flag
 from sspo_kernels._types import VocabStats
 
+# The fused segment step (`ops/objective_triton.py`) is one program walking the N tokens in order: a few
+# microseconds per thousand tokens, against the ~100 launches of the composed PyTorch step, which run in
+# parallel over N. Above this many tokens the composed step runs instead (same results within fp32
+# rounding). The value is the crossover estimated in the GPU review (40-60 K tokens on an H100);
+# `bash bench/gpu_suite.sh` times both steps at N = 8192 and 262,144 to calibrate it.
+FUSED_STEP_MAX_TOKENS = 1 << 16
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -30,9 +37,10 @@ class Backend:
     # the whole segment step of a scalar loss in one op, or None: `ops/objective.py` composes it
     segment_step: Callable | None = None  # (logp, entropy, batch, cfg) -> (loss, grad_logp, grad_entropy, metrics)
 
-    def fuses_step(self, loss_agg_mode: str) -> bool:
-        """Whether `segment_step` computes the step (every scalar `loss_agg_mode`; "none" is composed)."""
-        return self.segment_step is not None and loss_agg_mode != "none"
+    def fuses_step(self, loss_agg_mode: str, num_tokens: int) -> bool:
+        """Whether `segment_step` computes the step: every scalar `loss_agg_mode` ("none" is composed) of
+        at most `FUSED_STEP_MAX_TOKENS` tokens (the one-program kernel is serial in N)."""
+        return self.segment_step is not None and loss_agg_mode != "none" and num_tokens <= FUSED_STEP_MAX_TOKENS
 
     def vocab_fwd(
         self, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, temperature: float

@@ -13,6 +13,7 @@ import torch
 
 from sspo_kernels._options import LOGPROBS_OPTIONS, LOSS_OPTIONS, OptionSet, config_of
 from sspo_kernels._types import FlatBatch, LossConfig, SSPOOutput
+from sspo_kernels._utils import on_ctx_device, on_input_device
 from sspo_kernels._validate import logprobs_layout
 from sspo_kernels.backend import Backend, get_backend
 from sspo_kernels.loss import LossModule, batch_and_segments
@@ -25,6 +26,7 @@ class LogprobsLossFunction(torch.autograd.Function):
     """Differentiable in logprobs (N,) and entropy (N,); every other input is data."""
 
     @staticmethod
+    @on_input_device
     def forward(ctx, logprobs, entropy, batch: FlatBatch, seg, cfg: LossConfig, backend: Backend):
         mask = batch.mask
         zero = torch.zeros((), dtype=torch.float32, device=mask.device)
@@ -39,6 +41,7 @@ class LogprobsLossFunction(torch.autograd.Function):
         return (loss, logp, ent, *metrics)
 
     @staticmethod
+    @on_ctx_device
     def backward(ctx, grad_loss, *_unused):
         grad_logp, grad_entropy = objective_bwd(ctx.saved_tensors, grad_loss, ctx.cfg, ctx.backend)
         logp_dtype, entropy_dtype = ctx.dtypes

@@ -24,6 +24,7 @@ chunk's segment ids are re-based with device arithmetic.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,9 +34,19 @@ import torch
 from sspo_kernels._options import HIDDEN_DISTRIBUTED_OPTIONS, HIDDEN_OPTIONS, LOSS_OPTIONS, OptionSet, config_of, flag
 from sspo_kernels._parallel import reduce_hidden, sharded_vocab
 from sspo_kernels._types import FlatBatch, LossConfig, SSPOOutput, VocabStats
+from sspo_kernels._utils import on_ctx_device, on_input_device
 from sspo_kernels._validate import hidden_layout, prepare_inputs
 from sspo_kernels.backend import get_backend, resolve_backend_name
 from sspo_kernels.loss import INPUT_NAMES, LossModule
+from sspo_kernels.ops.linear import (
+    LinearGrads,
+    chunk_logits,
+    chunk_rows,
+    finish_grad,
+    linear_chunk_tokens,
+    logits_buffer,
+    weight_grad_path,
+)
 from sspo_kernels.ops.objective import (
     finalize_metrics,
     make_output,
@@ -47,23 +58,7 @@ from sspo_kernels.ops.objective import (
 from sspo_kernels.ops.segment.ids import batch_segment_ids
 
 SSPO_LOSS_FROM_HIDDEN_OPTIONS = OptionSet(LOSS_OPTIONS, HIDDEN_OPTIONS, HIDDEN_DISTRIBUTED_OPTIONS)
-
-# Bytes of one chunk's logits counted in fp32 (rows * V * 4), by device type. Every chunk streams the
-# weight (V x H) twice and the fp32 weight-gradient accumulator once, at 2 * rows FLOPs per element, so
-# the rows set how matmul-bound the chunk is; its memory is the logits buffer (reused by every chunk)
-# plus the vocabulary pass's two cache-sized workspaces (`_vocab_rows`). On the CPU 32 MiB (262 rows
-# at V=32000) keeps the peak below Liger's fused GRPO loss while faster than it (bench/RESULTS.md).
-# On a GPU every chunk reads the whole weight (V x H), so a chunk needs a few hundred rows to be
-# matmul-bound rather than weight-read-bound: 256 MiB gives 441 rows at V=152064 and 2097 at 32000.
-CHUNK_BYTES = {"cuda": 1 << 28}
-DEFAULT_CHUNK_BYTES = 1 << 25
-
-
-def linear_chunk_tokens(vocab_size: int, device: torch.device | str = "cpu") -> int:
-    """Tokens per chunk: as many rows as make `CHUNK_BYTES` of fp32 logits (at least 1)."""
-    budget = CHUNK_BYTES.get(torch.device(device).type, DEFAULT_CHUNK_BYTES)
-    return max(1, budget // (4 * max(vocab_size, 1)))
-
+logger = logging.getLogger("sspo_kernels")
 
 # ---------------------------------------------------------------- chunk planning
 
@@ -135,85 +130,11 @@ def plan_chunks(
 # ---------------------------------------------------------------- per-chunk pieces
 
 
-def _rows(bounds: tuple[tuple[int, int], ...]) -> int:
-    """The largest chunk: the rows of the logits buffer."""
-    return max(1, *(e - s for s, e in bounds))
-
-
 def _vocab_rows(bounds: tuple[tuple[int, int], ...], device: torch.device) -> int | None:
     """Rows per step of the torch vocabulary pass. On a GPU the whole chunk (few, large kernels). On the
     CPU None: the pass's own cache-sized steps (`vocab_chunk_rows`, 8 rows at V=32000 fp32), so its two
     fp32 workspaces cost 4 MiB rather than two more chunks of logits, and stay in cache."""
-    return _rows(bounds) if device.type == "cuda" else None
-
-
-def _logits_buffer(bounds: tuple[tuple[int, int], ...], hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """One (rows, V) buffer in the input dtype for every chunk's logits: allocated and faulted in once."""
-    return torch.empty(_rows(bounds), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
-
-
-def _chunk_logits(
-    hidden_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer: torch.Tensor
-) -> torch.Tensor:
-    """(rows, V) logits in the input dtype, written into the first rows of `buffer` (the backward
-    overwrites them)."""
-    out = buffer[: hidden_c.shape[0]]
-    if bias is None:
-        return torch.mm(hidden_c, weight.t(), out=out)
-    return torch.addmm(bias, hidden_c, weight.t(), out=out)
-
-
-def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b, accumulated in fp32 whatever the dtype of a and b."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-        return
-    if a.is_cuda:
-        try:  # cuBLAS with fp32 output for bf16 / fp16 inputs (torch >= 2.8); out=acc adds in place
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            pass
-    acc.addmm_(a.float(), b.float())  # chunk-sized fp32 copies
-
-
-@dataclass
-class _Grads:
-    """Gradient buffers of the parameters that need one (None otherwise)."""
-
-    hidden: torch.Tensor | None  # (N, H) in hidden's dtype
-    weight: torch.Tensor | None  # (V, H) fp32
-    bias: torch.Tensor | None  # (V,) fp32
-
-    @classmethod
-    def empty(cls, hidden, weight, bias, needs) -> _Grads:
-        return cls(
-            hidden=torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs[0] else None,
-            weight=torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None,
-            bias=torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs[2] else None,
-        )
-
-    def add_chunk(
-        self, dlogits: torch.Tensor, hidden_c: torch.Tensor, mask_c: torch.Tensor, weight: torch.Tensor, s: int, e: int
-    ):
-        """Add one chunk's share: dlogits (rows, V), hidden_c (rows, H), mask_c (rows,) bool."""
-        if self.hidden is not None:
-            torch.mm(dlogits, weight, out=self.hidden[s:e])
-        if self.weight is not None:
-            # a masked-out row has zero dlogits, but 0 * NaN (a NaN hidden state at padding) is NaN:
-            # such rows must not reach the weight gradient, so their hidden rows are zeroed first
-            hidden_in = torch.where(mask_c[:, None], hidden_c, hidden_c.new_zeros(()))
-            _add_product_fp32(self.weight, dlogits.t(), hidden_in)
-        if self.bias is not None:
-            self.bias.add_(dlogits.sum(0, dtype=torch.float32))
-
-    def finish(self, scale, hidden, weight, bias) -> tuple[torch.Tensor | None, ...]:
-        """The three gradients in their parameters' dtypes."""
-        return (
-            _finish(self.hidden, scale, hidden.dtype),
-            _finish(self.weight, scale, weight.dtype),
-            None if bias is None else _finish(self.bias, scale, bias.dtype),
-        )
+    return chunk_rows(bounds) if device.type == "cuda" else None
 
 
 def _chunk_batch(batch: FlatBatch, s: int, e: int) -> FlatBatch:
@@ -239,6 +160,7 @@ class TwoPhaseFunction(torch.autograd.Function):
     has none, but for the SUM of the hidden gradient over the group when `reduce_group` is given."""
 
     @staticmethod
+    @on_input_device
     def forward(
         ctx, hidden, weight, bias, batch: FlatBatch, seg, cfg: LossConfig, plan: ChunkPlan, backend, grad_on,
         shard=None, reduce_group=None,
@@ -249,9 +171,9 @@ class TwoPhaseFunction(torch.autograd.Function):
             stats = VocabStats(*(torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)))
         else:
             partial = torch.empty(n, 5, dtype=torch.float32, device=hidden.device)
-        buffer = _logits_buffer(plan.bounds, hidden, weight)
+        buffer = logits_buffer(chunk_rows(plan.bounds), hidden, weight)
         for s, e in plan.bounds:
-            logits = _chunk_logits(hidden[s:e], weight, bias, buffer)
+            logits = chunk_logits(hidden[s:e], weight, bias, buffer)
             if shard is None:
                 chunk = backend.vocab_fwd(logits, batch.tokens[s:e], batch.mask[s:e], cfg.temperature)
                 if chunk.rows is not None and stats.rows is None:  # the torch pass's row statistics
@@ -276,16 +198,17 @@ class TwoPhaseFunction(torch.autograd.Function):
         return (step.loss, stats.logp, stats.entropy, *metrics)
 
     @staticmethod
+    @on_ctx_device
     def backward(ctx, grad_loss, *_unused):
         hidden, weight, bias, tokens, mask, *rest = ctx.saved_tensors
         n_stats = len(ctx.stats_type._fields)
         stats, saved = ctx.stats_type(*rest[:n_stats]), rest[n_stats:]
         cfg, backend = ctx.cfg, ctx.backend
         grad_logp, grad_entropy = objective_bwd(saved, grad_loss, cfg, backend)
-        grads = _Grads.empty(hidden, weight, bias, ctx.needs)
-        buffer = _logits_buffer(ctx.plan.bounds, hidden, weight)
+        grads = LinearGrads.empty(hidden, weight, bias, ctx.needs)
+        buffer = logits_buffer(chunk_rows(ctx.plan.bounds), hidden, weight)
         for s, e in ctx.plan.bounds:
-            logits = _chunk_logits(hidden[s:e], weight, bias, buffer)
+            logits = chunk_logits(hidden[s:e], weight, bias, buffer)
             dlogits = ctx.vocab.vocab_bwd(
                 logits, tokens[s:e], mask[s:e], ctx.stats_type(*(_rows_of(t, s, e) for t in stats)), grad_logp[s:e],
                 _rows_of(grad_entropy, s, e), cfg.temperature, inplace=True,
@@ -304,6 +227,7 @@ class SinglePassFunction(torch.autograd.Function):
     Differentiable in hidden (N, H), weight (V, H) and bias (V,); every other input is data."""
 
     @staticmethod
+    @on_input_device
     def forward(ctx, hidden, weight, bias, batch: FlatBatch, seg, cfg: LossConfig, plan: ChunkPlan, backend, grad_on):
         needs = _needs(ctx, grad_on)
         n, device = batch.num_tokens, hidden.device
@@ -314,14 +238,14 @@ class SinglePassFunction(torch.autograd.Function):
         unit = torch.ones((), dtype=torch.float32, device=device)
         logp = torch.empty(n, dtype=torch.float32, device=device)
         entropy = torch.empty(n, dtype=torch.float32, device=device)
-        grads = _Grads.empty(hidden, weight, bias, needs)
-        buffer = _logits_buffer(plan.bounds, hidden, weight)
+        grads = LinearGrads.empty(hidden, weight, bias, needs)
+        buffer = logits_buffer(chunk_rows(plan.bounds), hidden, weight)
         losses, parts = [], []
         for s, e in plan.bounds:
             sub = _chunk_batch(batch, s, e)
             first = seen[s - 1] + 1 if s > 0 else 0
             seg_c = torch.where(seg[s:e] >= 0, seg[s:e] - first, -1)
-            logits = _chunk_logits(hidden[s:e], weight, bias, buffer)
+            logits = chunk_logits(hidden[s:e], weight, bias, buffer)
             stats = backend.vocab_fwd(logits, sub.tokens, sub.mask, cfg.temperature)
             step = objective_fwd(stats.logp, stats.entropy, seg_c, sub, cfg, backend=backend, weights=weights[s:e])
             losses.append(step.loss)
@@ -346,13 +270,14 @@ class SinglePassFunction(torch.autograd.Function):
         return (torch.stack(losses).sum(), logp, entropy, *metrics)
 
     @staticmethod
+    @on_ctx_device
     def backward(ctx, grad_loss, *_unused):
-        grads = _Grads(*ctx.saved_tensors)
+        grads = LinearGrads(*ctx.saved_tensors)
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         return (
-            _finish(grads.hidden, grad_loss.float(), h_dtype),
-            _finish(grads.weight, grad_loss.float(), w_dtype),
-            _finish(grads.bias, grad_loss.float(), b_dtype),
+            finish_grad(grads.hidden, grad_loss.float(), h_dtype),
+            finish_grad(grads.weight, grad_loss.float(), w_dtype),
+            finish_grad(grads.bias, grad_loss.float(), b_dtype),
             None, None, None, None, None, None,
         )  # fmt: skip
 
@@ -366,17 +291,6 @@ def _needs(ctx, grad_on: bool) -> tuple[bool, bool, bool]:
 def _rows_of(t: torch.Tensor | None, s: int, e: int) -> torch.Tensor | None:
     """Tokens s:e of a per-token tensor (its last dimension), or None."""
     return None if t is None else t[..., s:e]
-
-
-def _finish(grad: torch.Tensor | None, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """grad (times the upstream `scale`, if given) in `dtype`; in place where the dtypes allow."""
-    if grad is None:
-        return None
-    if scale is None:
-        return grad.to(dtype)
-    if grad.dtype == torch.float32:
-        return grad.mul_(scale).to(dtype)
-    return grad.copy_(grad.float().mul_(scale))  # 16-bit hidden gradient: scale in fp32, round once
 
 
 # ---------------------------------------------------------------- public API
@@ -401,10 +315,12 @@ def sspo_loss_from_hidden(
     `SSPOOutput(loss, logprobs, entropy, metrics)` are those of `sspo_loss`. Differentiable in hidden,
     weight and bias (the parameter gradients are summed in fp32 and returned in their dtype).
 
-    chunk_size: tokens per chunk (default `linear_chunk_tokens(V, device)`: about 32 MiB of fp32
-    logits on the CPU, 256 MiB on a GPU). Peak extra memory: one chunk's logits (one buffer for all
-    chunks) and the vocabulary pass's temporaries (cache-sized on the CPU), plus the gradients (N x H,
-    and V x H in fp32), never anything (N, V).
+    chunk_size: tokens per chunk (default `linear_chunk_tokens(V, device, dtype)`: 32 MiB of fp32
+    logits on the CPU; on a GPU 512 MiB of logits in the input dtype and at least 2048 rows, e.g. 2048
+    rows at V = 151,936 bf16). Peak extra memory: one chunk's logits (one buffer for all chunks) and
+    the vocabulary pass's temporaries (cache-sized on the CPU), plus the gradients (N x H, and V x H in
+    fp32), never anything (N, V). The schedule, the chunks and the weight-gradient accumulation path
+    (`sspo_kernels.ops.linear.weight_grad_path`) are logged at DEBUG level on the "sspo_kernels" logger.
 
     single_pass: None picks the schedule, True demands the single-pass one (ValueError when it is not
     possible, saying why), False forces the two-phase one. Single-pass runs when
@@ -447,8 +363,15 @@ def sspo_loss_from_hidden(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if single_pass is not None and not isinstance(single_pass, bool):
         raise TypeError(f"single_pass must be a bool or None, got {type(single_pass).__name__}")
-    chunk = chunk_size or linear_chunk_tokens(layout.vocab_size, layout.device)
+    # chunks are sized by this process's rows of the weight (its vocabulary slice under tensor parallelism)
+    chunk = chunk_size or linear_chunk_tokens(weight.shape[0], layout.device, hidden.dtype)
     plan = plan_chunks(cfg, layout.token_shape, opts["cu_seqlens"], chunk, False if shard else single_pass)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "sspo_loss_from_hidden: %s schedule%s, %d chunks of up to %d rows, weight gradient: %s",
+            "single-pass" if plan.single_pass else "two-phase", "" if plan.single_pass else f" ({plan.reason})",
+            len(plan.bounds), chunk_rows(plan.bounds), weight_grad_path(layout.device, weight.dtype),
+        )  # fmt: skip
     backend = get_backend(opts["backend"], layout.device, chunk_size=_vocab_rows(plan.bounds, layout.device))
     seg = batch_segment_ids(batch, cfg.granularity)
     args = (hidden.reshape(-1, hidden.shape[-1]), weight, bias, batch, seg, cfg, plan, backend, torch.is_grad_enabled())
@@ -472,3 +395,13 @@ class SSPOLossFromHidden(LossModule):
 
     LOSS = sspo_loss_from_hidden
     OPTIONS = SSPO_LOSS_FROM_HIDDEN_OPTIONS
+
+
+# Temporary aliases of the helpers that moved to sspo_kernels/ops/linear.py (removed once every caller
+# imports them from there).
+_chunk_logits = chunk_logits
+_Grads = LinearGrads
+
+
+def _logits_buffer(bounds: tuple[tuple[int, int], ...], hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return logits_buffer(chunk_rows(bounds), hidden, weight)

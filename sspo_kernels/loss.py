@@ -10,6 +10,7 @@ Three steps, each O(1) passes over the `(N, V)` logits and nothing `(N, V)`-size
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from sspo_kernels._options import (
 )
 from sspo_kernels._parallel import is_parallel, parallel_logits_layout
 from sspo_kernels._types import METRIC_NAMES, FlatBatch, Layout, LossConfig, SSPOOutput
+from sspo_kernels._utils import on_ctx_device, on_input_device
 from sspo_kernels._validate import logits_layout, prepare_inputs
 from sspo_kernels.backend import Backend, get_backend
 from sspo_kernels.ops.objective import make_output, objective_bwd, segment_step
@@ -45,6 +47,7 @@ class SSPOLossFunction(torch.autograd.Function):
     before the segment step and takes the local rows' coefficients back in backward (no collective)."""
 
     @staticmethod
+    @on_input_device
     def forward(ctx, logits, batch: FlatBatch, seg, cfg: LossConfig, backend: Backend, inplace: bool, parallel=None):
         vocab = backend if parallel is None or parallel.vocab is None else parallel.vocab
         sp = None if parallel is None else parallel.seq
@@ -60,6 +63,7 @@ class SSPOLossFunction(torch.autograd.Function):
         return (loss, logp, entropy, *metrics)
 
     @staticmethod
+    @on_ctx_device
     def backward(ctx, grad_loss, *_unused):
         logits, tokens, mask, *rest = ctx.saved_tensors
         n_stats = len(ctx.stats_type._fields)
@@ -78,7 +82,7 @@ def batch_and_segments(
 ) -> tuple[FlatBatch, torch.Tensor | None]:
     """The checked flat batch and its (N,) segment ids; no ids (None) and a lean batch when the
     backend's fused segment step numbers the segments and checks the token ids itself."""
-    fused = backend.fuses_step(cfg.loss_agg_mode)
+    fused = backend.fuses_step(cfg.loss_agg_mode, math.prod(layout.token_shape))
     inputs = {k: opts[k] for k in INPUT_NAMES}
     batch = prepare_inputs(cfg, layout, tokens, old_logprobs, advantages, mask, **inputs, lean=fused)
     return batch, None if fused else batch_segment_ids(batch, cfg.granularity)
@@ -117,6 +121,8 @@ def sspo_loss(
     else:
         logits, layout = logits_layout(logits)
     inplace = flag("inplace_backward", opts["inplace_backward"])
+    if inplace and torch._debug_has_internal_overlap(logits) == 1:  # e.g. expanded: rows share memory
+        raise ValueError("inplace_backward=True needs logits whose rows do not share memory (not an expanded view)")
     backend = get_backend(
         opts["backend"], layout.device, chunk_size=opts["chunk_size"], compile_chunks=opts["compile_chunks"]
     )

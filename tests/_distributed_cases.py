@@ -368,6 +368,35 @@ def tp_fused_linear(ctx):
         assert_rel_norm("dhidden", dh, ref_leaves[0].grad, tol=1e-5)
 
 
+@case(2, 4)
+def tp_fused_linear_every_granularity(ctx):
+    """Every granularity with the default chunk size and vocab_start (an even split): token and
+    sequence granularity have no boundary table, so the full vocabulary size is unknown to the call."""
+    from sspo_kernels import sspo_loss_from_hidden
+
+    vocab = 36  # splits evenly over 2 and 4 ranks
+    for i, g in enumerate(GRANULARITIES):
+        b = make_batch(230 + i, LENGTHS, vocab=vocab, hole_p=0.2)
+        b = pack(b) if i % 2 else b
+        gen = torch.Generator().manual_seed(230 + i)
+        hidden = torch.randn(*b.tokens.shape, 8, generator=gen)
+        weight = torch.randn(vocab, 8, generator=gen) * 0.5
+        ref_leaves = [t.double().requires_grad_(True) for t in (hidden, weight)]
+        b.logits = (ref_leaves[0] @ ref_leaves[1].T).detach().requires_grad_(True)
+        _old_near_current(b, 230 + i)
+        args, kw, ref, _, up = _reference(b, g)
+        ref2 = reference.sspo_loss(ref_leaves[0] @ ref_leaves[1].T, *args[1:], **kw)
+        (ref2.loss * up).sum().backward()
+        share = vocab // ctx.world
+        h = hidden.clone().requires_grad_(True)
+        w = weight[ctx.rank * share : (ctx.rank + 1) * share].clone().requires_grad_(True)
+        out = sspo_loss_from_hidden(h, w, *args[1:], tp_group=ctx.world_group, reduce_hidden_grad=True, **kw)
+        _backward(out, up)
+        _compare(out, ref)
+        assert_rel_norm("dweight (this rank's rows)", w.grad, ref_leaves[1].grad[ctx.rank * share :][:share], tol=1e-5)
+        assert_rel_norm("dhidden", h.grad, ref_leaves[0].grad, tol=1e-5)
+
+
 # ---------------------------------------------------------------- data parallel
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sspo_kernels._types import METRIC_NAMES, FlatBatch, LossConfig, SSPOOutput
+from sspo_kernels._validate import entropy_ref_on
 from sspo_kernels.backend import Backend
 
 
@@ -87,7 +88,7 @@ def objective_fwd(
         if cfg.entropy_ref == "batch":
             h_ref = entropy.sum() / n_tokens.clamp(min=1)  # detached: the kernels' entropy carries no graph
         elif isinstance(cfg.entropy_ref, torch.Tensor):  # 0-d, e.g. distributed.global_entropy_mean: no sync
-            h_ref = cfg.entropy_ref.to(rho.device, torch.float32)
+            h_ref = entropy_ref_on(cfg, rho.device)
         else:
             h_ref = torch.full((), cfg.entropy_ref, device=rho.device)  # a fill: no host copy, capturable
         k_raw = ((sums[:, 1] / n_seg) / h_ref).pow(cfg.entropy_gamma).clamp(cfg.k_min, cfg.k_max)

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from sspo_kernels._types import FlatBatch, LossConfig
 from sspo_kernels._utils import new_empty
-from sspo_kernels._validate import device_check, token_range_message
+from sspo_kernels._validate import device_check, entropy_ref_on, token_range_message
 
 # One block of tokens per step: 1024 tokens over 16 warps is 2 per thread, which keeps the walks' dozen
 # per-token arrays in registers (4 or 8 per thread spilled a few bytes in the AOT compile for sm_90);
@@ -420,7 +420,7 @@ def segment_step_fwd(
     segment_step_fwd_kernel[(1,)](
         logp, entropy, ptr(batch.old_logprobs), batch.advantages, ptr(batch.ref_logprobs), batch.mask,
         batch.tokens, ptr(batch.boundary), ptr(batch.segment_ids), ptr(batch.cu_seqlens), ptr(batch.normalizer),
-        ref if entropy_ref == 2 else logp, iws, fws, grad_logp, grad_entropy, out, nseg,
+        entropy_ref_on(cfg, device) if entropy_ref == 2 else logp, iws, fws, grad_logp, grad_entropy, out, nseg,
         n, max(batch.seq_len or 1, 1), batch.num_responses, table_len, cfg.log_ratio_clamp, cfg.eps_low,
         cfg.eps_high, cfg.entropy_gamma, cfg.k_min, cfg.k_max, ref if entropy_ref == 1 else 0.0,
         cfg.dual_clip or 0.0, cfg.beta, cfg.entropy_coef, batch.norm_len or 1.0,

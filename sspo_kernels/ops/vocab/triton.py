@@ -26,12 +26,11 @@ loss needs no (N, V) buffer of its own.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
+from sspo_kernels._options import check_temperature
 from sspo_kernels._utils import new_empty
 from sspo_kernels.ops.vocab.blocks import VocabBlockConfig, vocab_block_config
 
@@ -161,6 +160,9 @@ def logprob_entropy_bwd_kernel(
         m_y = (i_y >= 0) & (i_y < V)
         i_y32 = tl.where(m_y, i_y, -1).to(tl.int32)
         b_xy = tl.load(p_row + i_y, mask=m_y, other=0.0).to(tl.float32)
+        # In place, the loop below overwrites this row, x_y included, while other warps of this program
+        # may not have loaded x_y yet: every warp must hold it before any store (one bar.sync per row).
+        tl.debug_barrier()
         # an out-of-range target has no one-hot entry: the whole row comes out NaN, like its logp
         b_g = tl.where(m_y, tl.load(grad_logp_ptr + i_r), float("nan"))
         # log p = (x - x_ref) / tau + c, from the target (c = logp_y) when |logp_y| < |lse|, as for a likely
@@ -221,14 +223,6 @@ def _check_logits(logits: torch.Tensor) -> None:
         raise ValueError("logits has an empty vocabulary dimension")
 
 
-def _check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    return float(temperature)
-
-
 def _per_row(name: str, x: torch.Tensor, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """x as a contiguous (n,) tensor of the given dtype (a copy only when needed)."""
     if not isinstance(x, torch.Tensor):
@@ -284,7 +278,7 @@ def logprob_entropy_fwd(
     [0, V) at a kept row gives a NaN logp; NaN logits give NaN outputs.
     """
     _check_logits(logits)
-    inv_tau = 1.0 / _check_temperature(temperature)
+    inv_tau = 1.0 / check_temperature(temperature)
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:
         logits = logits.contiguous()
     n, t, stride_b, stride_t = _row_layout(logits)
@@ -352,7 +346,7 @@ def logprob_entropy_bwd(
     row_start, num_rows, config: as in `logprob_entropy_fwd`; rows outside the range are not written.
     """
     _check_logits(logits)
-    inv_tau = 1.0 / _check_temperature(temperature)
+    inv_tau = 1.0 / check_temperature(temperature)
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:
         if inplace:
             raise ValueError("inplace=True needs logits with a unit last stride")
