@@ -9,6 +9,7 @@ from sspo_kernels.boundary import SENTENCE_CHARS, SUBSENTENCE_CHARS, boundary_ta
 from sspo_kernels.from_logprobs import SSPOLossFromLogprobs, sspo_loss_from_logprobs
 from sspo_kernels.fused_linear import SSPOLossFromHidden, sspo_loss_from_hidden
 from sspo_kernels.loss import SSPOLoss, segment_ids, sspo_loss
+from sspo_kernels.token_logprobs import token_logprobs, token_logprobs_from_hidden
 
 __all__ = [
     "METRIC_NAMES",
@@ -24,5 +25,7 @@ __all__ = [
     "sspo_loss",
     "sspo_loss_from_hidden",
     "sspo_loss_from_logprobs",
+    "token_logprobs",
+    "token_logprobs_from_hidden",
 ]
 __version__ = "0.1.0"

@@ -129,3 +129,30 @@ def test_loss_backward_gets_forward_logp_and_no_entropy_term_without_bonus(monke
     (call,) = calls
     assert torch.equal(call["logp"], out.logprobs.reshape(-1))
     assert (call["grad_entropy"] is None) == (entropy_coef == 0)
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True], ids=["dlogp-only", "dlogp-dH"])
+@pytest.mark.parametrize("entry", ["token_logprobs", "token_logprobs_from_hidden"])
+def test_token_logprobs_backward_gets_forward_logp_and_no_entropy_term_without_its_gradient(
+    monkeypatch, entry, entropy_grad
+):
+    """The per-token op hands the backward the forward's log-probs, and grad_entropy=None when the entropy has no
+    upstream gradient (the kernel compiles the entropy term out)."""
+    pytest.importorskip("triton")
+    calls = _spy_backward(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 19, (2, 5), generator=gen)
+    if entry == "token_logprobs":
+        leaves = [torch.randn(2, 5, 19, generator=gen, requires_grad=True)]
+        logp, ent = sspo_kernels.token_logprobs(leaves[0], tokens, backend="triton")
+    else:
+        leaves = [torch.randn(2, 5, 6, generator=gen, requires_grad=True), torch.randn(19, 6, requires_grad=True)]
+        logp, ent = sspo_kernels.token_logprobs_from_hidden(*leaves, tokens, backend="triton", chunk_size=4)
+    (logp.sum() + (ent.sum() if entropy_grad else 0)).backward()
+    assert calls, "the Triton backward never ran"
+    offset = 0
+    for call in calls:
+        rows = call["lse"].shape[0]
+        assert torch.equal(call["logp"], logp.detach().reshape(-1)[offset : offset + rows])
+        assert (call["grad_entropy"] is None) == (not entropy_grad)
+        offset += rows

@@ -294,3 +294,99 @@ def test_softcapped_model_is_refused(model_dir, tokenizer, dataset, tmp_path):
         SSPOGRPOTrainer(
             model=model, reward_funcs=reward_len, args=args, train_dataset=dataset, processing_class=tokenizer
         )
+
+
+# ---------------------------------------------------------------- old-policy and reference passes on the package's head
+
+
+def _scoring_inputs(tokenizer, completion_len: int = 7):
+    """Left-padded prompts and right-padded completions (some shorter, their tail masked out), as TRL builds them."""
+    gen = torch.Generator().manual_seed(4)
+    prompts = tokenizer(["The cat sat", "Once upon a time,", "Numbers: 1, 2,", "Hi"], return_tensors="pt", padding=True)
+    completions = torch.randint(0, len(tokenizer), (4, completion_len), generator=gen)
+    completion_mask = torch.ones(4, completion_len, dtype=torch.long)
+    completion_mask[1, 4:] = 0
+    completion_mask[3, 1:] = 0
+    input_ids = torch.cat([prompts["input_ids"], completions], 1)
+    attention_mask = torch.cat([prompts["attention_mask"], completion_mask], 1)
+    return input_ids, attention_mask, completion_len
+
+
+def _head_calls(monkeypatch) -> list[int]:
+    import sspo_kernels.integrations.trl as adapter
+
+    calls: list[int] = []
+    real = adapter.token_logprobs_from_hidden
+    monkeypatch.setattr(adapter, "token_logprobs_from_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_old_and_ref_logps_equal_trl_head(model_dir, tokenizer, dataset, tmp_path, monkeypatch):
+    """Under no_grad, the policy's and the reference model's log-probs (and entropies) come from the package's
+    head and equal TRL's fused head on the same inputs; with grad, or with VLM inputs, TRL's path runs."""
+    overrides = dict(beta=0.04, use_bias_correction_kl=False, temperature=0.9)
+    args = SSPOGRPOConfig(**config_kwargs(tmp_path, **overrides))
+    trainer = SSPOGRPOTrainer(
+        model=model_dir, reward_funcs=reward_len, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    assert trainer.ref_model is not None
+    input_ids, attention_mask, keep = _scoring_inputs(tokenizer)
+    calls = _head_calls(monkeypatch)
+    worst = {}
+    # TRL's head computes entropies for the policy only (the reference model's head has log-probs alone)
+    for name, model, entropy in (("policy", trainer.model, True), ("reference", trainer.ref_model, False)):
+        with torch.no_grad():
+            ours = trainer._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, keep, batch_size=3, compute_entropy=entropy
+            )
+            theirs = GRPOTrainer._get_per_token_logps_and_entropies(
+                trainer, model, input_ids, attention_mask, keep, batch_size=3, compute_entropy=entropy
+            )
+        assert ours[2] is None and ours[0].shape == theirs[0].shape == (4, keep)
+        assert (ours[1] is None) == (not entropy)
+        pairs = [("logps", ours[0], theirs[0])] + ([("entropy", ours[1], theirs[1])] if entropy else [])
+        for what, a, b in pairs:
+            worst[f"{name} {what}"] = float((a - b).abs().max())
+            assert_close(f"{name} {what}", a, b, atol=1e-5)
+        assert (ours[0][attention_mask[:, -keep:] == 0] == 0).all()
+    assert len(calls) == 4, "two row groups per model through token_logprobs_from_hidden"
+    print(f"\nold / ref passes, max |ours - TRL's head|: {worst}")
+    # with grad (TRL's loss path) and with multimodal inputs, TRL's own head
+    spy: list[int] = []
+    real = GRPOTrainer._get_per_token_logps_and_entropies
+    monkeypatch.setattr(
+        GRPOTrainer, "_get_per_token_logps_and_entropies", lambda *a, **k: spy.append(1) or real(*a, **k)
+    )
+    trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, keep)
+    with torch.no_grad(), pytest.raises(Exception):  # noqa: B017 (TRL's path fails on the fake image)
+        trainer._get_per_token_logps_and_entropies(
+            trainer.model, input_ids, attention_mask, keep, pixel_values=torch.zeros(1, 3, 4, 4)
+        )
+    assert len(spy) == 2 and len(calls) == 4
+
+
+def test_train_step_old_and_ref_passes_use_the_package(model_dir, tokenizer, dataset, tmp_path, monkeypatch):
+    """Inside a real train() with old log-probs and a reference model: each no-grad pass takes the package's head,
+    and its numbers equal TRL's head's on the same inputs."""
+    records: list[tuple[float, float]] = []
+
+    class Recording(SSPOGRPOTrainer):
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, **kw):
+            ours = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, **kw)
+            if not torch.is_grad_enabled():
+                theirs = GRPOTrainer._get_per_token_logps_and_entropies(
+                    self, model, input_ids, attention_mask, logits_to_keep, **kw
+                )
+                records.append(float((ours[0] - theirs[0]).abs().max()))
+            return ours
+
+    calls = _head_calls(monkeypatch)
+    overrides = dict(num_iterations=2, beta=0.04, use_bias_correction_kl=False, max_steps=1)
+    args = SSPOGRPOConfig(**config_kwargs(tmp_path, **overrides))
+    trainer = Recording(
+        model=model_dir, reward_funcs=reward_len, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    trainer.train()
+    assert len(records) >= 2 and len(calls) >= 2, "old-policy and reference passes"
+    assert max(records) <= 1e-5, records
+    print(f"\ntrain(): old / ref passes, max |ours - TRL's head| {max(records):.2e} over {len(records)} passes")

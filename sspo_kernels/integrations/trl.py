@@ -8,11 +8,18 @@ With `granularity=None` (follow TRL's `importance_sampling_level`) and no entrop
 gradients are TRL's own for the loss types whose maths the package covers: `grpo`, `bnpo`, `dr_grpo`, `dapo`,
 `luspo`. Settings the package cannot reproduce are refused when the trainer is built.
 
-Written against trl 1.16 (`GRPOTrainer._compute_loss(model, inputs)`).
+The no-grad passes (old-policy and reference log-probs) run `token_logprobs_from_hidden` on the backbone's last
+hidden states and the output layer instead of TRL's fused head (same numbers within fp32 rounding), so every pass
+of a step runs the package's kernels; TRL's own path serves the cases the adapter cannot reproduce (VLM inputs,
+the MoE aux loss, soft-capped or scaled logits, an adapter on the head).
+
+Written against trl 1.16 (`GRPOTrainer._compute_loss(model, inputs)`,
+`GRPOTrainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, ...)`).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +29,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from sspo_kernels import sspo_loss_from_hidden
+from sspo_kernels import sspo_loss_from_hidden, token_logprobs_from_hidden
 from sspo_kernels.integrations._common import build_boundary, check_options, drop_none, text_tokenizer
 
 __all__ = ["SUPPORTED_LOSS_TYPES", "SSPOGRPOConfig", "SSPOGRPOTrainer"]
@@ -84,6 +91,18 @@ def _sspo_fields(args: Any) -> dict[str, Any]:
         "log_ratio_clamp": get("log_ratio_clamp", 20.0),
         "backend": get("sspo_backend", "auto"),
     }
+
+
+def _plain_text_head(lm: torch.nn.Module) -> bool:
+    """Whether the package's head reproduces `lm`'s log-probs: a text-only model whose logits are its output
+    layer's (no soft-capping or scaling) and whose output layer is a plain one (no PEFT adapter on it)."""
+    config = getattr(lm, "config", None)
+    if config is None or not hasattr(config, "get_text_config") or config.get_text_config() is not config:
+        return False
+    if any(getattr(config, name, None) not in (None, 1.0) for name in (*_LOGIT_TRANSFORMS, "logits_scaling")):
+        return False
+    head = lm.get_output_embeddings()
+    return head is not None and hasattr(head, "weight") and not hasattr(head, "base_layer")
 
 
 def _refuse_unsupported(args: GRPOConfig) -> None:
@@ -251,6 +270,68 @@ class SSPOGRPOTrainer(GRPOTrainer):
         hidden = hidden.to(device=weight.device, dtype=weight.dtype)
         with torch.autocast(hidden.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
             return sspo_loss_from_hidden(hidden, weight, completion_ids, bias=bias, **loss_kw)
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        batch_size: int | None = None,
+        compute_entropy: bool = False,
+        compute_aux_loss: bool = False,
+        **extra: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """TRL's signature and outputs ((B, logits_to_keep) fp32 log-probs, entropies or None, aux loss None).
+        Without grad (the old-policy and reference passes) on a plain text model: `token_logprobs_from_hidden`
+        on the backbone's hidden states, rows in groups of `batch_size` as TRL does; otherwise TRL's own."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        lm = unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
+        multimodal = any(value is not None for value in extra.values())
+        if torch.is_grad_enabled() or compute_aux_loss or multimodal or not _plain_text_head(lm):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra,
+            )  # fmt: skip
+        batch_size = batch_size or input_ids.size(0)
+        head = functools.partial(self._sspo_logps_inner, lm, logits_to_keep, compute_entropy)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            with self.accelerator.autocast():
+                logp, entropy = self._sspo_redirect(model, unwrapped, head, input_ids[rows], attention_mask[rows])
+            logps.append(logp)
+            entropies.append(entropy)
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+    def _sspo_logps_inner(
+        self, lm: torch.nn.Module, logits_to_keep: int, compute_entropy: bool, input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """Runs inside the wrapped model's forward: backbone, then the package's head on the last
+        `logits_to_keep` tokens (-100 where the attention mask is 0, as TRL's labels), in TRL's head dtype."""
+        out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state[:, -logits_to_keep - 1 : -1]  # position t predicts token t + 1
+        tokens = input_ids[:, -logits_to_keep:].masked_fill(attention_mask[:, -logits_to_keep:] == 0, -100)
+        head = lm.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor shards
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        device = weight.device
+        # TRL's head: fp32 with cast_lm_head_to_fp32, else the autocast dtype when autocast is on, else hidden's
+        if getattr(self.args, "cast_lm_head_to_fp32", False):
+            dtype = torch.float32
+        elif torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        else:
+            dtype = hidden.dtype
+        with torch.autocast(device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
+            return token_logprobs_from_hidden(
+                hidden.to(device=device, dtype=dtype), weight.to(dtype), tokens.to(device),
+                bias=None if bias is None else bias.to(dtype), temperature=self.temperature, entropy=compute_entropy,
+                chunk_size=getattr(self.args, "sspo_chunk_size", None), backend=_sspo_fields(self.args)["backend"],
+            )  # fmt: skip
 
     def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """Same signature and `inputs` as `GRPOTrainer._compute_loss`; returns the scalar loss to backpropagate."""

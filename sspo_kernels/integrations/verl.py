@@ -10,11 +10,19 @@ Options live in the actor's `policy_loss` node, typed by `SSPOPolicyLossConfig` 
 normalisers come from verl's global batch info (`batch_num_tokens`, `global_batch_size`, `dp_size`,
 `loss_scale_factor`), and the entropy bonus and KL loss are verl's own code, applied as verl applies them.
 
+Fused forward: with `SSPO_VERL_FUSED=1` in the workers' environment (read when this module is imported), or after
+`install_fused()`, verl's fused-kernel forward (`actor_rollout_ref.model.use_fused_kernels=True` with
+`fused_kernel_options.impl_backend=triton` on FSDP; Megatron's fused forward) calls `linear_cross_entropy` below,
+backed by `sspo_kernels.token_logprobs_from_hidden`, instead of verl's own kernel: the actor, old-log-prob and
+reference passes then run this package's kernels, and every `loss_mode` sees their log-probs and entropies.
+
 Written against verl 0.9.1.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -26,14 +34,27 @@ from verl.utils.metric import AggregationType, Metric
 from verl.workers.config import PolicyLossConfig
 from verl.workers.utils.padding import no_padding_2_padding
 
-from sspo_kernels import sspo_loss_from_logprobs
+from sspo_kernels import sspo_loss_from_logprobs, token_logprobs_from_hidden
 from sspo_kernels.integrations._common import build_boundary, check_options, drop_none, text_tokenizer
 
-__all__ = ["LOSS_MODE", "SSPOPolicyLossConfig", "install", "sspo_ppo_loss"]
+__all__ = [
+    "FUSED_ENV",
+    "LOSS_MODE",
+    "SSPOPolicyLossConfig",
+    "install",
+    "install_fused",
+    "linear_cross_entropy",
+    "sspo_ppo_loss",
+]
 
 LOSS_MODE = "sspo"
 # Modules that bind `ppo_loss` by name at import (`from verl.workers.utils.losses import ppo_loss`).
 _BINDERS = ("verl.workers.engine_workers", "verl.trainer.distillation.losses")
+# The switch of the fused forward, and where verl defines and binds its `linear_cross_entropy`: the FSDP forwards
+# (`verl/models/transformers/*.py`) import it from `_KERNEL_MODULE` at call time, Megatron's at import.
+FUSED_ENV = "SSPO_VERL_FUSED"
+_KERNEL_MODULE = "verl.utils.kernel.linear_cross_entropy"
+_FUSED_BINDERS = ("verl.models.mcore.model_forward_fused", "verl.models.mcore.model_forward_1f1b_overlap")
 
 
 @dataclass
@@ -262,13 +283,73 @@ def _registered_placeholder(**kwargs: Any) -> tuple[torch.Tensor, dict]:
     )
 
 
+# ---------------------------------------------------------------- the fused forward's kernel
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    reduction: str = "none",
+    dist_process_group: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's `linear_cross_entropy` contract on `token_logprobs_from_hidden`: (log-probs, entropies) fp32 of
+    softmax((hidden @ weight.T) / temperature) at `labels`, differentiable in hidden and weight.
+
+    hidden: (N, H), (1, N, H), (B, T, H) or Megatron's (S, 1, H); labels: N int ids in any shape ((N,), (1, N),
+    (B, T)); weight: (V, H), or this rank's (V / tp, H) rows with `dist_process_group` (labels are global ids;
+    2 collectives in the forward; the hidden gradient is this rank's partial sum, as verl's). Returns two
+    tensors shaped like labels (verl's kernel returns them flat: every verl caller reshapes or squeezes them).
+    Under autocast the product runs in the autocast dtype, as verl's torch path does. Unlike verl's kernel: any
+    hidden size (no multiple of 128), and label -100 gives 0 and no gradient. Only reduction="none".
+    """
+    if reduction != "none":
+        raise ValueError(f"linear_cross_entropy supports reduction='none' only, got {reduction!r}")
+    if not isinstance(hidden, torch.Tensor) or not isinstance(labels, torch.Tensor) or hidden.dim() < 1:
+        raise TypeError("hidden and labels must be tensors")
+    size = hidden.shape[-1]
+    if hidden.numel() != labels.numel() * size:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must hold one row per label {tuple(labels.shape)}")
+    device = hidden.device
+    autocast = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else weight.dtype
+    with torch.autocast(device.type, enabled=False):
+        logp, entropy = token_logprobs_from_hidden(
+            hidden.reshape(-1, size).to(dtype), weight.to(dtype), labels.reshape(-1), temperature=temperature,
+            tp_group=dist_process_group,
+        )  # fmt: skip
+    return logp.reshape(labels.shape), entropy.reshape(labels.shape)
+
+
+def install_fused() -> None:
+    """Route verl's fused forward to `linear_cross_entropy` (idempotent): replace verl's function in its module
+    (the FSDP forwards import it from there at call time; Megatron's forwards imported later bind ours) and in
+    Megatron's forward modules already imported."""
+    kernel_module = importlib.import_module(_KERNEL_MODULE)
+    original = kernel_module.linear_cross_entropy
+    kernel_module.linear_cross_entropy = linear_cross_entropy
+    for name in _FUSED_BINDERS:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "linear_cross_entropy", None) is original:
+            module.linear_cross_entropy = linear_cross_entropy
+
+
+def _fused_requested() -> bool:
+    return os.environ.get(FUSED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ---------------------------------------------------------------- installation
+
+
 _ORIGINAL_PPO_LOSS = getattr(_verl_losses.ppo_loss, "__sspo_original__", _verl_losses.ppo_loss)
 sspo_ppo_loss.__sspo_original__ = _ORIGINAL_PPO_LOSS  # type: ignore[attr-defined]
 
 
 def install() -> None:
     """Make verl's actor use `sspo_ppo_loss` (idempotent): replace `ppo_loss` in verl's losses module and in the
-    modules already imported that bound it by name, and register `loss_mode="sspo"` in verl's registry."""
+    modules already imported that bound it by name, and register `loss_mode="sspo"` in verl's registry. With
+    `SSPO_VERL_FUSED=1` in the environment, also `install_fused()`."""
     if LOSS_MODE not in POLICY_LOSS_REGISTRY:
         register_policy_loss(LOSS_MODE)(_registered_placeholder)
     _verl_losses.ppo_loss = sspo_ppo_loss
@@ -276,6 +357,8 @@ def install() -> None:
         module = sys.modules.get(name)
         if module is not None and getattr(module, "ppo_loss", None) is _ORIGINAL_PPO_LOSS:
             module.ppo_loss = sspo_ppo_loss
+    if _fused_requested():
+        install_fused()
 
 
 install()
