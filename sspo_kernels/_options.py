@@ -16,11 +16,13 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from sspo_kernels._types import LossConfig
+from sspo_kernels._types import BOUNDED_OBJECTIVES, OBJECTIVES, LossConfig
 
 GRANULARITIES = ("subsentence", "sentence", "sequence", "token", "segments")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "sum", "none")
 RATIO_GRADS = ("exact", "token")
+ROLLOUT_IS_LEVELS = ("token", "segment", "sequence")
+ROLLOUT_IS_MODES = ("truncate", "mask")
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -56,7 +58,28 @@ LOSS_OPTIONS = (
     Option("norm_len", None, "int | float | None"),
     Option("log_ratio_clamp", 20.0, "float"),
     Option("ratio_grad", "exact", "str"),
+    # the objective (docs/loss.md "Objectives"); its own parameters default to None: the objective's values
+    Option("objective", "clip", "str"),
+    Option("sapo_tau_pos", None, "float | None"),
+    Option("sapo_tau_neg", None, "float | None"),
+    Option("vespo_k_pos", None, "float | None"),
+    Option("vespo_lambda_pos", None, "float | None"),
+    Option("vespo_k_neg", None, "float | None"),
+    Option("vespo_lambda_neg", None, "float | None"),
+    # off-policy corrections (docs/loss.md "Off-policy corrections")
+    Option("policy_weights", None, _TENSOR),
+    Option("rollout_logprobs", None, _TENSOR),
+    Option("rollout_is", "sequence", "str | None"),
+    Option("rollout_is_mode", "mask", "str"),
+    Option("rollout_is_min", None, "float | None"),
+    Option("rollout_is_max", 3.0, "float | None"),
+    Option("off_policy_mask", None, "float | None"),
+    Option("entropy_mask_quantile", None, "float | None"),
+    Option("entropy_mask_group", None, "torch.distributed.ProcessGroup | None"),
+    Option("kl_ratio_weight", False, "bool"),
 )
+# Options that only mean something with `rollout_logprobs` (an error when given without it).
+ROLLOUT_IS_OPTIONS = ("rollout_is", "rollout_is_mode", "rollout_is_min", "rollout_is_max")
 # Options of one entry point's implementation.
 LOGITS_OPTIONS = (
     Option("inplace_backward", False, "bool"),
@@ -106,10 +129,17 @@ class OptionSet:
         return fn
 
     def parse(self, where: str, given: dict[str, Any]) -> dict[str, Any]:
-        """The call's keywords with the defaults filled in; an unknown keyword is a TypeError, as Python's."""
+        """The call's keywords with the defaults filled in; an unknown keyword is a TypeError, as Python's.
+        The rollout importance-sampling options given without `rollout_logprobs` are a ValueError."""
         for name in given:
             if name not in self.defaults:
                 raise TypeError(f"{where}() got an unexpected keyword argument {name!r}")
+        stray = [name for name in ROLLOUT_IS_OPTIONS if name in given]
+        if stray and given.get("rollout_logprobs") is None and "rollout_logprobs" in self.defaults:
+            raise ValueError(
+                f"{', '.join(stray)} given without rollout_logprobs: the rollout importance weight needs the "
+                "sampler's log-probs (rollout_logprobs, shaped like tokens)"
+            )
         return {**self.defaults, **given}
 
 
@@ -129,6 +159,18 @@ _DEFAULTS = {
 }
 _DEFAULTS["sentence"] = _DEFAULTS["subsentence"]
 _DEFAULTS["segments"] = _DEFAULTS["subsentence"]
+# Other objectives with bounds change the widths at every granularity (README "Objectives" says why):
+#   cispo: no lower bound (eps_low = 1: lo = 0) and an upper cap of 5 on the unit's ratio, TRL's
+#          recommended epsilon_high for its cispo; the entropy factor scales the cap where it adapts.
+#   gmpo:  log-space bounds +-0.4 on each token's log-ratio, the GMPO paper's and verl's geo_mean values.
+_OBJECTIVE_WIDTHS = {"cispo": dict(eps_low=1.0, eps_high=4.0), "gmpo": dict(eps_low=0.4, eps_high=0.4)}
+# Objectives without bounds take none of the bound options.
+_BOUND_OPTIONS = ("eps_low", "eps_high", "entropy_gamma", "k_min", "k_max")
+# Each objective's own parameters and their defaults (TRL 1.16's and verl 0.9.1's).
+_OBJECTIVE_PARAMS = {
+    "sapo": dict(sapo_tau_pos=1.0, sapo_tau_neg=1.05),
+    "vespo": dict(vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0),
+}
 
 
 def finite_number(name: str, value: object, *, positive: bool = False, nonneg: bool = False) -> float:
@@ -179,8 +221,16 @@ def make_config(granularity: str = "subsentence", **options: Any) -> LossConfig:
         raise TypeError(f"make_config() got unexpected options: {', '.join(sorted(unknown))}")
     o = {**{k: LOSS_DEFAULTS[k] for k in CONFIG_FIELDS}, **options}
     granularity = choice("granularity", granularity, GRANULARITIES)
-    d = _DEFAULTS[granularity]
+    objective = choice("objective", o["objective"], OBJECTIVES)
+    if objective not in BOUNDED_OBJECTIVES:
+        given = [k for k in _BOUND_OPTIONS if o[k] is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: objective={objective!r} has no clip bounds")
+    d = {**_DEFAULTS[granularity], **_OBJECTIVE_WIDTHS.get(objective, {})}
+    if objective not in BOUNDED_OBJECTIVES:  # unused: no bounds, no adaptation
+        d = {**d, "eps_low": 0.0, "eps_high": 0.0, "entropy_gamma": 0.0}
     filled = {k: d[k] if o[k] is None else o[k] for k in d}
+    params = _objective_params(objective, o)
     eps_low = finite_number("eps_low", filled["eps_low"], nonneg=True)
     eps_high = finite_number("eps_high", filled["eps_high"], nonneg=True)
     gamma = finite_number("entropy_gamma", filled["entropy_gamma"])
@@ -200,6 +250,8 @@ def make_config(granularity: str = "subsentence", **options: Any) -> LossConfig:
         dual_clip = finite_number("dual_clip", dual_clip)
         if dual_clip <= 1.0:
             raise ValueError(f"dual_clip must be > 1 (verl's clip_ratio_c), got {dual_clip}")
+        if objective != "clip":
+            raise ValueError(f"dual_clip caps the PPO-clip objective only, not objective={objective!r}")
     return LossConfig(
         granularity=granularity,
         eps_low=eps_low,
@@ -217,6 +269,53 @@ def make_config(granularity: str = "subsentence", **options: Any) -> LossConfig:
         loss_agg_mode=choice("loss_agg_mode", o["loss_agg_mode"], AGG_MODES),
         log_ratio_clamp=finite_number("log_ratio_clamp", o["log_ratio_clamp"], positive=True),
         ratio_grad=choice("ratio_grad", o["ratio_grad"], RATIO_GRADS),
+        objective=objective,
+        **params,
+        **_correction_options(o),
+    )
+
+
+def _objective_params(objective: str, o: dict[str, Any]) -> dict[str, float]:
+    """The objective's own parameters (others' given is a ValueError), defaults filled in."""
+    own = _OBJECTIVE_PARAMS.get(objective, {})
+    for other, params in _OBJECTIVE_PARAMS.items():
+        given = [k for k in params if other != objective and o[k] is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} belong to objective={other!r}, not {objective!r}")
+    out = {}
+    for name, default in own.items():
+        value = default if o[name] is None else o[name]
+        if "tau" in name or "lambda" in name:  # temperatures and rates
+            out[name] = finite_number(name, value, positive=True)
+        else:
+            out[name] = finite_number(name, value, nonneg=True)
+    return out
+
+
+def _optional_number(name: str, value: object, **checks: bool) -> float | None:
+    return None if value is None else finite_number(name, value, **checks)
+
+
+def _correction_options(o: dict[str, Any]) -> dict[str, Any]:
+    """The off-policy correction options, checked (docs/loss.md "Off-policy corrections")."""
+    rollout_is = o["rollout_is"]
+    if rollout_is is not None:
+        rollout_is = choice("rollout_is", rollout_is, ROLLOUT_IS_LEVELS)
+    low = _optional_number("rollout_is_min", o["rollout_is_min"], nonneg=True)
+    high = _optional_number("rollout_is_max", o["rollout_is_max"], nonneg=True)
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"rollout_is_min ({low}) must be <= rollout_is_max ({high})")
+    quantile = _optional_number("entropy_mask_quantile", o["entropy_mask_quantile"])
+    if quantile is not None and not 0 < quantile <= 1:
+        raise ValueError(f"entropy_mask_quantile must be in (0, 1] (the share of tokens kept), got {quantile}")
+    return dict(
+        rollout_is=rollout_is,
+        rollout_is_mode=choice("rollout_is_mode", o["rollout_is_mode"], ROLLOUT_IS_MODES),
+        rollout_is_min=low,
+        rollout_is_max=high,
+        off_policy_mask=_optional_number("off_policy_mask", o["off_policy_mask"], nonneg=True),
+        entropy_mask_quantile=quantile,
+        kl_ratio_weight=flag("kl_ratio_weight", o["kl_ratio_weight"]),
     )
 
 

@@ -7,6 +7,10 @@ from typing import NamedTuple
 
 import torch
 
+# The policy objectives (docs/loss.md "Objectives"), the ones with clip bounds first.
+BOUNDED_OBJECTIVES = ("clip", "cispo", "gmpo")
+OBJECTIVES = (*BOUNDED_OBJECTIVES, "sapo", "vespo", "reinforce")
+
 # The metrics every path returns, in this order (docs/loss.md "Outputs").
 METRIC_NAMES = (
     "clip_frac_low",
@@ -19,6 +23,15 @@ METRIC_NAMES = (
     "approx_kl",
     "num_segments",
     "mean_segment_len",
+    "is_weight_mean",
+    "is_weight_min",
+    "is_weight_max",
+    "is_masked_frac",
+    "off_policy_masked_frac",
+    "entropy_masked_frac",
+    "dual_clip_frac",
+    "cispo_clip_frac",
+    "vespo_phi_mean",
 )
 
 
@@ -43,6 +56,32 @@ class LossConfig:
     loss_agg_mode: str
     log_ratio_clamp: float
     ratio_grad: str
+    # the policy objective and its own parameters (docs/loss.md "Objectives")
+    objective: str = "clip"
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    # off-policy corrections (docs/loss.md "Off-policy corrections"); they act only on the inputs they need
+    rollout_is: str | None = "sequence"  # with rollout_logprobs: the unit of the importance weight
+    rollout_is_mode: str = "mask"
+    rollout_is_min: float | None = None
+    rollout_is_max: float | None = 3.0
+    off_policy_mask: float | None = None
+    entropy_mask_quantile: float | None = None
+    kl_ratio_weight: bool = False
+
+    @property
+    def has_bounds(self) -> bool:
+        """Whether the objective uses the clip bounds lo_s, hi_s (and so the entropy adaptation)."""
+        return self.objective in BOUNDED_OBJECTIVES
+
+    @property
+    def ratio_slope(self) -> bool:
+        """Whether the policy term's gradient flows through the unit's ratio (else through l_t directly)."""
+        return self.objective in ("clip", "sapo", "gmpo")
 
 
 class SSPOOutput(NamedTuple):
@@ -92,6 +131,10 @@ class FlatBatch:
     normalizer: torch.Tensor | None  # 0-d float32 caller-given normaliser, or None
     norm_len: float | None
     cu_seqlens: torch.Tensor | None = None  # (B + 1,) int64 on the device, for a packed batch
+    # (N,) any float (or (B,) per response when `lean`), detached: w_t multiplying the policy term
+    policy_weights: torch.Tensor | None = None
+    rollout_logprobs: torch.Tensor | None = None  # (N,) any float: v_t, the sampler's log-probs
+    entropy_mask_group: object | None = None  # the process group whose entropies set the entropy-mask quantile
     # lean: for a fused segment step that numbers the responses and bounds the token ids itself
     # (`ops/objective_triton.py`): response_ids is None, advantages may stay (B,) per response, and
     # token_bound (V) is still to be checked at masked-in tokens

@@ -164,32 +164,36 @@ def logprobs_layout(logprobs: object, entropy: object) -> Layout:
     return Layout(tuple(logprobs.shape), None, logprobs.device)
 
 
-def _advantages(
-    advantages: object,
+def _per_token_or_response(
+    name: str,
+    value: object,
     token_shape: torch.Size,
     num_responses: int,
     response_ids: torch.Tensor | None,
     device: torch.device,
 ) -> torch.Tensor:
-    """(N,) advantages from per-token or per-response values; per-response ones stay (B,) without
-    `response_ids` (a lean batch)."""
-    adv = _tensor("advantages", advantages)
-    _same_device("advantages", adv, device)
-    if not adv.is_floating_point():
-        raise TypeError(f"advantages must be a floating-point tensor, got {adv.dtype}")
+    """(N,) values from per-token or per-response ones (advantages, policy weights); per-response ones
+    stay (B,) without `response_ids` (a lean batch)."""
+    t = _tensor(name, value)
+    _same_device(name, t, device)
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     n = math.prod(token_shape)
     # Shaped like tokens means per token, also in the ambiguous case of a packed batch with N == B.
-    if adv.shape == token_shape:
-        return flat(adv)
-    elif adv.shape == (num_responses,) and response_ids is None:
-        return adv.contiguous()
-    elif adv.shape == (num_responses,):
-        return adv[response_ids.clamp(max=max(num_responses - 1, 0))] if n else adv[:0]
+    if t.shape == token_shape:
+        return flat(t)
+    elif t.shape == (num_responses,) and response_ids is None:
+        return t.contiguous()
+    elif t.shape == (num_responses,):
+        return t[response_ids.clamp(max=max(num_responses - 1, 0))] if n else t[:0]
     else:
         raise ValueError(
-            f"advantages must be per response {(num_responses,)} or per token {tuple(token_shape)}, "
-            f"got {tuple(adv.shape)}"
+            f"{name} must be per response {(num_responses,)} or per token {tuple(token_shape)}, got {tuple(t.shape)}"
         )
+
+
+def policy_weights_message() -> str:
+    return "policy_weights must be finite and >= 0 at masked-in tokens"
 
 
 def prepare_inputs(
@@ -206,6 +210,9 @@ def prepare_inputs(
     ref_logprobs: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
     norm_len: int | float | None = None,
+    policy_weights: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    entropy_mask_group: object | None = None,
     lean: bool = False,
 ) -> FlatBatch:
     """Check every tensor argument against the layout and flatten the per-token ones to `(N,)`.
@@ -232,7 +239,27 @@ def prepare_inputs(
 
     adv_f = None
     if advantages is not None:
-        adv_f = _advantages(advantages, token_shape, num_responses, response_ids, device)
+        adv_f = _per_token_or_response("advantages", advantages, token_shape, num_responses, response_ids, device)
+
+    weights_f = None
+    if policy_weights is not None:  # never differentiated: data, like the advantages
+        weights_f = _per_token_or_response(
+            "policy_weights", policy_weights, token_shape, num_responses, response_ids, device
+        ).detach()
+        if not lean:  # a lean batch leaves this check to the fused step
+            w = weights_f if weights_f.shape[0] == math.prod(token_shape) else weights_f[:0]
+            ok = (torch.isfinite(w) & (w >= 0)) | ~mask_f if w.numel() else torch.ones((), dtype=torch.bool)
+            device_check(ok.all(), policy_weights_message())
+    rollout_f = None
+    if rollout_logprobs is not None:
+        rollout_f = _token_tensor("rollout_logprobs", rollout_logprobs, token_shape, device, "float").detach()
+        if cfg.objective == "vespo" and cfg.rollout_is not in ("token", None):
+            raise ValueError(
+                "objective='vespo' folds token-level rollout weights into its own weight: with rollout_logprobs, "
+                f"rollout_is must be 'token' (or None), got {cfg.rollout_is!r}"
+            )
+    if entropy_mask_group is not None and cfg.entropy_mask_quantile is None:
+        raise ValueError("entropy_mask_group is given without entropy_mask_quantile (the group sets its quantile)")
 
     ref_f = None
     if cfg.beta > 0 and ref_logprobs is None:
@@ -316,4 +343,7 @@ def prepare_inputs(
         cu_seqlens=None if cu_seqlens is None else side_table("cu_seqlens", cu_seqlens, device).long(),
         lean=lean,
         token_bound=bound,
+        policy_weights=weights_f,
+        rollout_logprobs=rollout_f,
+        entropy_mask_group=entropy_mask_group,
     )

@@ -115,35 +115,57 @@ def _kernel_specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], torc
 
 
 def _segment_step_specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], torch.dtype, int]]:
-    """The fused segment step: every granularity and scalar aggregation mode, every option on at once
-    (packed, KL, dual clip, normaliser, tensor entropy_ref, entropy bonus), and the token-form ratio
-    gradient on-policy with per-token advantages and a fixed entropy reference."""
-    from sspo_kernels.ops.objective_triton import AGG_IDS, STEP_BLOCK_T, STEP_NUM_WARPS, segment_step_fwd_kernel
+    """The fused segment step: every granularity and scalar aggregation mode, every objective, every
+    option on at once (packed, KL, dual clip, normaliser, tensor entropy_ref, entropy bonus, policy
+    weights, rollout weights at each level, the off-policy and entropy masks, ratio-weighted KL), and
+    the token-form ratio gradient on-policy with per-token advantages and a fixed entropy reference."""
+    from sspo_kernels.ops.objective_triton import AGG_IDS, STEP_NUM_WARPS, segment_step_fwd_kernel, step_block_t
+    from sspo_kernels.ops.objectives_triton import OBJECTIVE_IDS
 
     pointers = {
         **{p: "*fp32" for p in ("logp_ptr", "entropy_ptr", "old_ptr", "adv_ptr", "ref_ptr")},
         "mask_ptr": "*i1", "tokens_ptr": "*i64", "boundary_ptr": "*i1", "given_ptr": "*i64", "cu_ptr": "*i64",
-        "norm_ptr": "*fp32", "h_ref_ptr": "*fp32", "iws_ptr": "*i32",
+        "norm_ptr": "*fp32", "h_ref_ptr": "*fp32", "weights_ptr": "*fp32", "rollout_ptr": "*fp32",
+        "sorted_ptr": "*fp32", "count_ptr": "*i32", "iws_ptr": "*i32",
         **{p: "*fp32" for p in ("fws_ptr", "grad_logp_ptr", "grad_entropy_ptr", "out_ptr")},
         "nseg_ptr": "*i64",
     }  # fmt: skip
-    scalars = ("clamp_c", "eps_low", "eps_high", "gamma", "k_min", "k_max", "h_ref_num", "dual_clip", "beta")
-    signature = {**pointers, **dict.fromkeys(("N", "T", "B", "V"), "i32"), **dict.fromkeys(scalars, "fp32")}
-    signature.update(ent_coef="fp32", norm_len="fp32")
+    scalars = (
+        "clamp_c", "eps_low", "eps_high", "gamma", "k_min", "k_max", "h_ref_num", "dual_clip", "beta", "ent_coef",
+        "norm_len", "is_min", "is_max", "off_delta", "ent_q", "tau_pos", "tau_neg", "k_pos", "lam_pos", "k_neg",
+        "lam_neg",
+    )  # fmt: skip
+    signature = {**pointers, **dict.fromkeys(("N", "T", "B", "V", "M"), "i32"), **dict.fromkeys(scalars, "fp32")}
     default = dict(
         GRANULARITY=2, AGG=0, RATIO_EXACT=True, ON_POLICY=False, ADV_PER_RESPONSE=True, CHECK_TOKENS=True,
         PACKED=False, HAS_KL=False, HAS_DUAL=False,
         HAS_NORMALIZER=False, ENTROPY_REF=0, ADAPTS=True, ADAPT_LOW=True, ADAPT_HIGH=True, HAS_ENT_COEF=False,
-        BLOCK_T=STEP_BLOCK_T,
+        OBJECTIVE=0, POLICY_WEIGHTS=0, ROLLOUT=0, IS_MASK=True, OFF_POLICY=False, OFF_ROLLOUT=False, ENT_MASK=0,
+        KL_RATIO=False,
     )  # fmt: skip
     everything = dict(PACKED=True, HAS_KL=True, HAS_DUAL=True, HAS_NORMALIZER=True, ENTROPY_REF=2, HAS_ENT_COEF=True)
+    corrections = dict(POLICY_WEIGHTS=1, OFF_POLICY=True, OFF_ROLLOUT=True, ENT_MASK=1, KL_RATIO=True)
     aggs = AGG_IDS  # each granularity and each aggregation mode at least once
     variants = [dict(GRANULARITY=0, AGG=aggs["sum"]), dict(GRANULARITY=1, AGG=aggs["seq-mean-token-mean"])]
     variants += [dict(GRANULARITY=2), dict(GRANULARITY=3, AGG=aggs["seq-mean-token-sum"])]
     variants += [dict(everything, AGG=aggs["seq-mean-token-sum-norm"]), dict(everything, GRANULARITY=3)]
     variants += [dict(RATIO_EXACT=False, ON_POLICY=True, ENTROPY_REF=1, GRANULARITY=1, ADV_PER_RESPONSE=False)]
+    # every rollout level with every other correction, and every objective with all of them (vespo: token level)
+    variants += [{**everything, **corrections, "ROLLOUT": level, "IS_MASK": level != 2} for level in (1, 2, 3)]
+    for name, objective in OBJECTIVE_IDS.items():
+        if name != "clip":
+            rollout = 1 if name == "vespo" else 3
+            bounded = name in ("cispo", "gmpo")
+            variants.append(
+                {**everything, **corrections, "HAS_DUAL": False, "OBJECTIVE": objective, "ROLLOUT": rollout,
+                 "ADAPTS": bounded, "POLICY_WEIGHTS": 2, "ENT_MASK": 2}
+            )  # fmt: skip
     kernel = segment_step_fwd_kernel
-    return [("segment_step", kernel, signature, {**default, **v}, torch.float32, STEP_NUM_WARPS) for v in variants]
+    constexprs = [{**default, **v} for v in variants]
+    return [
+        ("segment_step", kernel, signature, {**c, "BLOCK_T": step_block_t(c)}, torch.float32, STEP_NUM_WARPS)
+        for c in constexprs
+    ]
 
 
 def _jit_function(kernel: Any) -> Any:

@@ -77,9 +77,11 @@ def sspo_loss_from_logprobs(
     cfg = config_of(opts)
     if cfg.temperature != 1.0:
         raise ValueError("temperature must be 1 here: the log-probs given are already at the sampling temperature")
-    adapts = cfg.entropy_gamma != 0 and (cfg.adapt_low or cfg.adapt_high)
-    if entropy is None and (adapts or cfg.entropy_coef > 0):
-        raise ValueError("entropy is needed for the entropy-adaptive clip bounds and the entropy bonus")
+    adapts = cfg.has_bounds and cfg.entropy_gamma != 0 and (cfg.adapt_low or cfg.adapt_high)
+    if entropy is None and (adapts or cfg.entropy_coef > 0 or cfg.entropy_mask_quantile is not None):
+        raise ValueError(
+            "entropy is needed for the entropy-adaptive clip bounds, the entropy bonus and the entropy mask"
+        )
     layout = logprobs_layout(logprobs, entropy)
     backend = get_backend(opts["backend"], layout.device)
     batch, seg = batch_and_segments(cfg, layout, backend, opts, tokens, old_logprobs, advantages, mask)

@@ -107,16 +107,22 @@ def plan_chunks(
     cu_seqlens: torch.Tensor | None,
     chunk_size: int,
     single_pass: bool | None = None,
+    *,
+    per_response: bool = False,
 ) -> ChunkPlan:
-    """The schedule and the chunks of tokens (see `sspo_loss_from_hidden` for the rules)."""
+    """The schedule and the chunks of tokens (see `sspo_loss_from_hidden` for the rules). `per_response`:
+    a correction needs whole responses in a chunk also at token granularity (a sequence-level rollout
+    weight, the off-policy sequence mask)."""
     n = math.prod(token_shape)
-    adapts = cfg.entropy_gamma != 0 and (cfg.adapt_low or cfg.adapt_high)
+    adapts = cfg.has_bounds and cfg.entropy_gamma != 0 and (cfg.adapt_low or cfg.adapt_high)
     bounds, reason = None, ""
     if cfg.loss_agg_mode == "none":
         reason = 'loss_agg_mode="none" has a per-token upstream gradient, known only in backward'
     elif adapts and cfg.entropy_ref == "batch":
         reason = 'entropy_ref="batch" needs the mean entropy of the whole batch before any clip bound'
-    elif cfg.granularity == "token":
+    elif cfg.entropy_mask_quantile is not None:
+        reason = "entropy_mask_quantile needs every entropy of the batch before any policy term"
+    elif cfg.granularity == "token" and not per_response:
         bounds = _fixed_bounds(n, chunk_size)
     else:
         bounds, reason = _whole_response_bounds(token_shape, cu_seqlens, chunk_size)
@@ -144,6 +150,7 @@ def _chunk_batch(batch: FlatBatch, s: int, e: int) -> FlatBatch:
         batch, tokens=batch.tokens[s:e], mask=batch.mask[s:e], old_logprobs=cut(batch.old_logprobs),
         advantages=batch.advantages[s:e], ref_logprobs=cut(batch.ref_logprobs),
         response_ids=batch.response_ids[s:e], segment_ids=cut(batch.segment_ids), token_shape=(e - s,),
+        policy_weights=cut(batch.policy_weights), rollout_logprobs=cut(batch.rollout_logprobs),
     )  # fmt: skip
 
 
@@ -325,9 +332,11 @@ def sspo_loss_from_hidden(
     single_pass: None picks the schedule, True demands the single-pass one (ValueError when it is not
     possible, saying why), False forces the two-phase one. Single-pass runs when
       - the entropy reference is a fixed number: `entropy_ref` is a float, or `entropy_gamma == 0`, or
-        `adapt_low` and `adapt_high` are both False; and `loss_agg_mode` is not "none"; and
+        `adapt_low` and `adapt_high` are both False; and `loss_agg_mode` is not "none"; and there is no
+        entropy mask (`entropy_mask_quantile` needs every entropy of the batch first); and
       - chunks can hold whole segments without reading anything back from the device:
-        `granularity="token"` (chunks of `chunk_size` tokens), or a padded (B, T, H) batch (chunks of
+        `granularity="token"` (chunks of `chunk_size` tokens; whole responses with a sequence-level
+        rollout weight or the off-policy mask), or a padded (B, T, H) batch (chunks of
         whole rows), or a flat (N, H) batch of at most `chunk_size` tokens (one chunk), or a packed
         batch whose `cu_seqlens` is a CPU tensor (chunks of whole responses, planned on the host);
         and no response is longer than `chunk_size`.
@@ -365,7 +374,12 @@ def sspo_loss_from_hidden(
         raise TypeError(f"single_pass must be a bool or None, got {type(single_pass).__name__}")
     # chunks are sized by this process's rows of the weight (its vocabulary slice under tensor parallelism)
     chunk = chunk_size or linear_chunk_tokens(weight.shape[0], layout.device, hidden.dtype)
-    plan = plan_chunks(cfg, layout.token_shape, opts["cu_seqlens"], chunk, False if shard else single_pass)
+    per_response = cfg.off_policy_mask is not None or (
+        opts["rollout_logprobs"] is not None and cfg.rollout_is == "sequence"
+    )
+    plan = plan_chunks(
+        cfg, layout.token_shape, opts["cu_seqlens"], chunk, False if shard else single_pass, per_response=per_response
+    )
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug(
             "sspo_loss_from_hidden: %s schedule%s, %d chunks of up to %d rows, weight gradient: %s",
@@ -396,12 +410,3 @@ class SSPOLossFromHidden(LossModule):
     LOSS = sspo_loss_from_hidden
     OPTIONS = SSPO_LOSS_FROM_HIDDEN_OPTIONS
 
-
-# Temporary aliases of the helpers that moved to sspo_kernels/ops/linear.py (removed once every caller
-# imports them from there).
-_chunk_logits = chunk_logits
-_Grads = LinearGrads
-
-
-def _logits_buffer(bounds: tuple[tuple[int, int], ...], hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return logits_buffer(chunk_rows(bounds), hidden, weight)

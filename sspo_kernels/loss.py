@@ -35,7 +35,10 @@ from sspo_kernels.ops.objective import make_output, objective_bwd, segment_step
 from sspo_kernels.ops.segment.ids import batch_segment_ids
 
 # The per-call tensors every entry point passes to `prepare_inputs` by name.
-INPUT_NAMES = ("boundary", "segment_ids", "cu_seqlens", "ref_logprobs", "normalizer", "norm_len")
+INPUT_NAMES = (
+    "boundary", "segment_ids", "cu_seqlens", "ref_logprobs", "normalizer", "norm_len", "policy_weights",
+    "rollout_logprobs", "entropy_mask_group",
+)  # fmt: skip
 SSPO_LOSS_OPTIONS = OptionSet(LOSS_OPTIONS, LOGITS_OPTIONS, DISTRIBUTED_OPTIONS)
 
 
@@ -141,7 +144,7 @@ class LossModule(torch.nn.Module):
 
     LOSS: Callable[..., SSPOOutput]
     OPTIONS: OptionSet
-    PER_CALL = (frozenset(INPUT_NAMES) - {"boundary"}) | {"sp_index"}
+    PER_CALL = (frozenset(INPUT_NAMES) - {"boundary", "entropy_mask_group"}) | {"sp_index"}
 
     def __init__(self, granularity: str = "subsentence", *, boundary: torch.Tensor | None = None, **options):
         super().__init__()

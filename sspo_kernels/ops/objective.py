@@ -16,6 +16,16 @@ import torch
 from sspo_kernels._types import METRIC_NAMES, FlatBatch, LossConfig, SSPOOutput
 from sspo_kernels._validate import entropy_ref_on
 from sspo_kernels.backend import Backend
+from sspo_kernels.ops.corrections import entropy_keep, off_policy_keep, rollout_weight, unit_sum
+from sspo_kernels.ops.objectives_torch import (
+    OBJECTIVES,
+    VESPO_LOG_W_MAX,
+    VESPO_LOG_W_MIN,
+    Terms,
+    gmpo_log_ratio,
+    vespo_log_weight,
+)
+from sspo_kernels.ops.segment.ids import batch_segment_ids
 
 
 @dataclass
@@ -73,73 +83,121 @@ def objective_fwd(
     adv = batch.advantages.float()
     n_tokens = mask.sum().float()
     slot = seg.clamp(min=0)  # gather index; rows of masked-out tokens are discarded by _masked
+    x = _masked(mask, logp - old)  # the token log-ratio l_t - q_t
 
     # Per-segment sums of (l - q), H and the token count, in one deterministic pass.
-    sums = backend.segment_sum(torch.stack([_masked(mask, logp - old), entropy, mask.float()], dim=1), seg)
+    sums = backend.segment_sum(torch.stack([x, entropy, mask.float()], dim=1), seg)
     n_seg = sums[:, 2].clamp(min=1)
-    d_raw = sums[:, 0] / n_seg  # [N] per segment slot
-    c = cfg.log_ratio_clamp
-    rho = d_raw.clamp(-c, c).exp()
-    in_clamp = (d_raw >= -c) & (d_raw <= c)  # torch.clamp passes the gradient on the closed interval
-
-    if cfg.entropy_gamma == 0:
-        k = torch.ones_like(rho)
-    else:
-        if cfg.entropy_ref == "batch":
-            h_ref = entropy.sum() / n_tokens.clamp(min=1)  # detached: the kernels' entropy carries no graph
-        elif isinstance(cfg.entropy_ref, torch.Tensor):  # 0-d, e.g. distributed.global_entropy_mean: no sync
-            h_ref = entropy_ref_on(cfg, rho.device)
-        else:
-            h_ref = torch.full((), cfg.entropy_ref, device=rho.device)  # a fill: no host copy, capturable
-        k_raw = ((sums[:, 1] / n_seg) / h_ref).pow(cfg.entropy_gamma).clamp(cfg.k_min, cfg.k_max)
-        k = torch.where(h_ref == 0, torch.ones_like(k_raw), k_raw)
+    k = _entropy_factor(sums[:, 1] / n_seg, entropy, n_tokens, cfg)
     ones = torch.ones_like(k)
     lo = 1 - cfg.eps_low * (k if cfg.adapt_low else ones)
     hi = 1 + cfg.eps_high * (k if cfg.adapt_high else ones)
 
-    # Per token: the clipped objective and its derivative a_t = dL_t/drho (docs/loss.md "Per-token objective").
-    rho_t, lo_t, hi_t = rho[slot], lo[slot], hi[slot]
-    unclipped = -adv * rho_t
-    clipped = -adv * torch.minimum(torch.maximum(rho_t, lo_t), hi_t)
-    loss_t = torch.maximum(unclipped, clipped)
-    # torch.maximum sends the gradient to the larger branch (half to each on a tie); the clipped
-    # branch carries gradient only inside [lo, hi], where it ties with the unclipped one.
-    dloss_drho = torch.where(unclipped >= clipped, -adv, torch.zeros_like(adv))
-    if cfg.dual_clip is not None:
-        floor = -adv * cfg.dual_clip
-        use_floor = adv < 0
-        tie = use_floor & (loss_t == floor)
-        keep = torch.where(use_floor & (loss_t > floor), 0.0, torch.where(tie, 0.5, 1.0))
-        dloss_drho = dloss_drho * keep
-        loss_t = torch.where(use_floor, torch.minimum(loss_t, floor), loss_t)
+    # The off-policy corrections: W_t on the policy term (docs/loss.md "Off-policy corrections").
+    rollout, outside, rseg = None, None, None
+    if cfg.off_policy_mask is not None or (batch.rollout_logprobs is not None and cfg.rollout_is == "sequence"):
+        rseg = seg if cfg.granularity == "sequence" else batch_segment_ids(batch, "sequence")
+    if batch.rollout_logprobs is not None and cfg.rollout_is is not None:
+        unit = {"token": None, "segment": seg, "sequence": rseg}[cfg.rollout_is]
+        rollout, outside = rollout_weight(batch, cfg, old, unit, backend.segment_sum)
+    keep_off = None
+    if cfg.off_policy_mask is not None:
+        keep_off = off_policy_keep(batch, cfg, logp, old, rseg, backend.segment_sum)
+    keep_ent = None if cfg.entropy_mask_quantile is None else entropy_keep(entropy, batch, cfg)
+    policy_weight = _policy_weight(batch, cfg, rollout, keep_off, keep_ent)
+
+    # The unit's ratio: the mean log-ratio (gmpo: of the clipped token log-ratios), clamped.
+    gamma = None
+    clip_flags = None
+    if cfg.objective == "gmpo":
+        x, gamma, *clip_flags = gmpo_log_ratio(x, adv, k[slot], cfg)
+        x = _masked(mask, x)
+        unit_log_ratio = backend.segment_sum(x.unsqueeze(1), seg)[:, 0] / n_seg
+    else:
+        unit_log_ratio = sums[:, 0] / n_seg
+    c = cfg.log_ratio_clamp
+    rho = unit_log_ratio.clamp(-c, c).exp()
+    in_clamp = (unit_log_ratio >= -c) & (unit_log_ratio <= c)  # torch.clamp passes the gradient on the closed interval
+    log_w = None
+    if cfg.objective == "vespo":
+        share = _masked(mask, vespo_log_weight(x, rollout))
+        log_w = unit_sum(share, seg, backend.segment_sum).clamp(VESPO_LOG_W_MIN, VESPO_LOG_W_MAX)
+
+    # Per token: the objective's value, its slopes through the ratio (a_t) and in l_t (b_t).
+    rho_t = rho[slot]
+    policy = OBJECTIVES[cfg.objective](Terms(rho_t, lo[slot], hi[slot], adv, logp, log_w, cfg))
+    if clip_flags is not None:
+        policy.clipped_low, policy.clipped_high = clip_flags
 
     if weights is None:
         weights = token_weights(batch, cfg)
-    direct = torch.zeros_like(logp)  # dL_t/dl_t through the KL term
+    loss_t = policy.value if policy_weight is None else policy_weight * policy.value
+    ratio_slope = policy.ratio_slope if policy_weight is None else policy_weight * policy.ratio_slope
+    direct = policy.direct_slope if policy_weight is None else policy_weight * policy.direct_slope
     if cfg.beta > 0:
         diff = _masked(mask, batch.ref_logprobs.float() - logp)
-        loss_t = loss_t + cfg.beta * (diff.exp() - diff - 1)
-        direct = cfg.beta * (1 - diff.exp())
+        kl = diff.exp() - diff - 1
+        if cfg.kl_ratio_weight:  # beta R_t KL_t: KL_t flows through the ratio, R_t through l_t
+            loss_t = loss_t + cfg.beta * rho_t * kl
+            ratio_slope = ratio_slope + cfg.beta * kl
+            direct = direct + cfg.beta * rho_t * (1 - diff.exp())
+        else:
+            loss_t = loss_t + cfg.beta * kl
+            direct = direct + cfg.beta * (1 - diff.exp())
     if cfg.entropy_coef > 0:
         loss_t = loss_t - cfg.entropy_coef * entropy
     loss_t = _masked(mask, loss_t * weights)
     loss = loss_t if cfg.loss_agg_mode == "none" else loss_t.sum()
 
-    # Gradient pieces, for a unit upstream gradient: weighted a_t, the ratio's sensitivity
-    # rho_s / n_s to each of its tokens (rho_s for the token form), and the direct terms.
-    weighted_a = _masked(mask, weights * dloss_drho)
-    sensitivity = rho * in_clamp / (n_seg if cfg.ratio_grad == "exact" else 1.0)
+    # Gradient pieces, for a unit upstream gradient: the weighted ratio slope s_t, the ratio's
+    # sensitivity rho_s / n_s to each of its tokens (rho_s for the token form; times gmpo's gamma_t),
+    # and the direct terms.
+    weighted_a = _masked(mask, weights * ratio_slope)
+    sensitivity = (rho * in_clamp / (n_seg if cfg.ratio_grad == "exact" else 1.0))[slot]
+    if gamma is not None:
+        sensitivity = sensitivity * gamma
     direct = _masked(mask, weights * direct)
     grad_entropy = _masked(mask, weights * -cfg.entropy_coef) if cfg.entropy_coef > 0 else None
 
     s_count = (seg.max() + 1).clamp(min=0) if n else torch.zeros((), dtype=torch.int64, device=mask.device)
-    metric_sums = _metric_sums(mask, adv, rho, rho_t, lo_t, hi_t, logp, old, entropy, n_tokens, s_count)
-    pieces = (weighted_a, sensitivity[slot], direct, grad_entropy, seg)
+    opens = mask & (torch.cat([seg.new_full((min(n, 1),), -1), seg.cummax(0).values[:-1]]) != seg)
+    metric_sums = metric_sums_of(
+        mask, rho, s_count, logp, old, entropy, n_tokens, policy, opens, rollout, outside, keep_off, keep_ent, cfg
+    )
+    pieces = (weighted_a, sensitivity, direct, grad_entropy, seg)
     if cfg.loss_agg_mode == "none":
         saved = pieces  # the upstream gradient varies per token: combine in backward
     else:  # a scalar loss: keep only the coefficients for a unit upstream gradient (8 bytes a token)
         saved = _coefficients(pieces, torch.ones(1, device=mask.device), cfg, backend)
     return StepOutput(loss=loss, metric_sums=metric_sums, saved=saved)
+
+
+def _entropy_factor(h_bar: torch.Tensor, entropy: torch.Tensor, n_tokens: torch.Tensor, cfg: LossConfig):
+    """k_s per segment slot (docs/loss.md "Entropy-adaptive clip bounds"); ones without adaptation."""
+    if cfg.entropy_gamma == 0:
+        return torch.ones_like(h_bar)
+    if cfg.entropy_ref == "batch":
+        h_ref = entropy.sum() / n_tokens.clamp(min=1)  # detached: the kernels' entropy carries no graph
+    elif isinstance(cfg.entropy_ref, torch.Tensor):  # 0-d, e.g. distributed.global_entropy_mean: no sync
+        h_ref = entropy_ref_on(cfg, h_bar.device)
+    else:
+        h_ref = torch.full((), cfg.entropy_ref, device=h_bar.device)  # a fill: no host copy, capturable
+    k_raw = (h_bar / h_ref).pow(cfg.entropy_gamma).clamp(cfg.k_min, cfg.k_max)
+    return torch.where(h_ref == 0, torch.ones_like(k_raw), k_raw)
+
+
+def _policy_weight(batch: FlatBatch, cfg: LossConfig, rollout, keep_off, keep_ent) -> torch.Tensor | None:
+    """W_t (N,) fp32, or None when every factor is 1 (vespo folds the rollout weight into its own)."""
+    factors = [] if batch.policy_weights is None else [batch.policy_weights.float()]
+    if rollout is not None and cfg.objective != "vespo":
+        factors.append(rollout)
+    factors += [keep.float() for keep in (keep_off, keep_ent) if keep is not None]
+    if not factors:
+        return None
+    weight = factors[0]
+    for factor in factors[1:]:
+        weight = weight * factor
+    return _masked(batch.mask, weight)
 
 
 def segment_step(
@@ -188,13 +246,26 @@ def _coefficients(pieces, upstream: torch.Tensor, cfg: LossConfig, backend: Back
     return grad_logp, _scaled(upstream, grad_entropy)
 
 
-def _metric_sums(mask, adv, rho, rho_t, lo_t, hi_t, logp, old, entropy, n_tokens, s_count):
-    """Additive partial sums of the metrics (min / max combine by min / max), so chunks can be merged."""
+def metric_sums_of(mask, rho, s_count, logp, old, entropy, n_tokens, policy, opens, rollout, outside, keep_off,
+                   keep_ent, cfg: LossConfig) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Additive partial sums of the metrics (min / max combine by min / max), so chunks can be merged.
+    rho: (N,) per segment slot; s_count: the number of segments; the rest per token."""
     used = torch.arange(rho.shape[0], device=rho.device) < s_count
     inf = torch.full((1,), float("inf"), device=rho.device)  # keeps min / max defined when N = 0
+
+    def count(flags: torch.Tensor | None) -> torch.Tensor:
+        return torch.zeros((), device=rho.device) if flags is None else (mask & flags).sum().float()
+
+    if rollout is None:
+        is_weight = torch.where(mask, 1.0, 0.0)
+        is_low, is_high = torch.where(mask, 1.0, inf), torch.where(mask, 1.0, -inf)
+    else:
+        is_weight = _masked(mask, rollout)
+        is_low, is_high = torch.where(mask, rollout, inf), torch.where(mask, rollout, -inf)
+    phi = None if policy.phi is None else _masked(opens, policy.phi).sum()
     return {
-        "clip_low": (mask & (adv < 0) & (rho_t < lo_t)).sum().float(),
-        "clip_high": (mask & (adv > 0) & (rho_t > hi_t)).sum().float(),
+        "clip_low": count(policy.clipped_low),
+        "clip_high": count(policy.clipped_high),
         "ratio_sum": torch.where(used, rho, 0.0).sum(),
         "ratio_min": torch.cat([torch.where(used, rho, inf), inf]).min(),
         "ratio_max": torch.cat([torch.where(used, rho, -inf), -inf]).max(),
@@ -202,14 +273,28 @@ def _metric_sums(mask, adv, rho, rho_t, lo_t, hi_t, logp, old, entropy, n_tokens
         "kl_sum": _masked(mask, old - logp).sum(),
         "tokens": n_tokens,
         "segments": s_count,
+        "is_weight_sum": is_weight.sum(),
+        "is_weight_min": torch.cat([is_low, inf]).min(),
+        "is_weight_max": torch.cat([is_high, -inf]).max(),
+        "is_masked": count(outside),
+        "off_policy_masked": count(None if keep_off is None else ~keep_off),
+        "entropy_masked": count(None if keep_ent is None else ~keep_ent),
+        "dual_capped": count(policy.capped),
+        "cispo_clipped": count(policy.clipped_high if cfg.objective == "cispo" else None),
+        "phi_sum": torch.zeros((), device=rho.device) if phi is None else phi,
     }
+
+
+_MIN_SUMS, _MAX_SUMS = ("ratio_min", "is_weight_min"), ("ratio_max", "is_weight_max")
 
 
 def merge_metric_sums(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Combine the partial sums of disjoint chunks of tokens (whole segments each)."""
     merged = {k: torch.stack([p[k] for p in parts]).sum() for k in parts[0]}
-    merged["ratio_min"] = torch.stack([p["ratio_min"] for p in parts]).min()
-    merged["ratio_max"] = torch.stack([p["ratio_max"] for p in parts]).max()
+    for name in _MIN_SUMS:
+        merged[name] = torch.stack([p[name] for p in parts]).min()
+    for name in _MAX_SUMS:
+        merged[name] = torch.stack([p[name] for p in parts]).max()
     return merged
 
 
@@ -218,6 +303,7 @@ def finalize_metrics(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     tokens = sums["tokens"].clamp(min=1)
     segments = sums["segments"]
     any_seg = segments > 0
+    any_token = sums["tokens"] > 0
     per_seg = segments.clamp(min=1).float()
     zero = torch.zeros((), device=tokens.device)
     metrics = {
@@ -231,6 +317,15 @@ def finalize_metrics(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "approx_kl": sums["kl_sum"] / tokens,
         "num_segments": segments,
         "mean_segment_len": sums["tokens"] / per_seg,
+        "is_weight_mean": sums["is_weight_sum"] / tokens,
+        "is_weight_min": torch.where(any_token, sums["is_weight_min"], zero),
+        "is_weight_max": torch.where(any_token, sums["is_weight_max"], zero),
+        "is_masked_frac": sums["is_masked"] / tokens,
+        "off_policy_masked_frac": sums["off_policy_masked"] / tokens,
+        "entropy_masked_frac": sums["entropy_masked"] / tokens,
+        "dual_clip_frac": sums["dual_capped"] / tokens,
+        "cispo_clip_frac": sums["cispo_clipped"] / tokens,
+        "vespo_phi_mean": sums["phi_sum"] / per_seg,
     }
     return {name: metrics[name] for name in METRIC_NAMES}
 
