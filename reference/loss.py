@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from reference.corrections import Corrections, corrections
+from reference.objectives import OBJECTIVES, Segment
 from sspo_kernels._options import LOSS_OPTIONS, OptionSet, config_of
 from sspo_kernels._types import FlatBatch, LossConfig, SSPOOutput
 from sspo_kernels._validate import logits_layout, prepare_inputs
@@ -116,7 +118,8 @@ def sspo_loss(
     logits, layout = logits_layout(logits)
     batch = prepare_inputs(
         cfg, layout, tokens, old_logprobs, advantages, mask,
-        **{k: opts[k] for k in ("boundary", "segment_ids", "cu_seqlens", "ref_logprobs", "normalizer", "norm_len")},
+        **{k: opts[k] for k in ("boundary", "segment_ids", "cu_seqlens", "ref_logprobs", "normalizer", "norm_len",
+                                "policy_weights", "rollout_logprobs", "entropy_mask_group")},
     )  # fmt: skip
     device = layout.device
     logits = logits.cpu().reshape(-1, logits.shape[-1])
@@ -131,7 +134,6 @@ def sspo_loss(
 
     old = logp.detach() if batch.old_logprobs is None else batch.old_logprobs.double()  # None: on-policy
     adv = batch.advantages.double()
-    c = cfg.log_ratio_clamp
     n_tokens = int(mask.sum())
 
     if isinstance(cfg.entropy_ref, float):
@@ -141,17 +143,16 @@ def sspo_loss(
     else:
         h_ref = masked(entropy.detach()).sum() / max(n_tokens, 1)
 
-    per_token = masked(logp) * 0.0  # zeros still attached to the graph, so an empty batch has a gradient
-    clipped_low = torch.zeros(batch.num_tokens, dtype=torch.bool)
-    clipped_high = torch.zeros(batch.num_tokens, dtype=torch.bool)
-    ratios = []
     segments = naive_segments(batch, cfg.granularity)
+    corr = corrections(batch, cfg, segments, logp, old, adv, entropy)  # W_t and the masks, all data
+    objective = OBJECTIVES[cfg.objective]
+
+    per_token = masked(logp) * 0.0  # zeros still attached to the graph, so an empty batch has a gradient
+    kl_ratio = torch.ones(batch.num_tokens, dtype=torch.float64)  # R_t, for kl_ratio_weight
+    flags = {name: torch.zeros(batch.num_tokens, dtype=torch.bool) for name in ("low", "high", "dual")}
+    ratios, phis = [], []
     for members in segments:
         idx = torch.tensor(members)
-        d_raw = (logp[idx] - old[idx]).mean()  # length-normalised log-ratio
-        rho = d_raw.clamp(-c, c).exp()
-        ratios.append(rho.detach())
-
         h_bar = entropy[idx].detach().mean()
         if cfg.entropy_gamma == 0 or h_ref == 0:
             k = torch.tensor(1.0, dtype=torch.float64)
@@ -159,23 +160,23 @@ def sspo_loss(
             k = ((h_bar / h_ref) ** cfg.entropy_gamma).clamp(cfg.k_min, cfg.k_max)
         lo = 1 - cfg.eps_low * (k if cfg.adapt_low else 1.0)
         hi = 1 + cfg.eps_high * (k if cfg.adapt_high else 1.0)
+        log_is = None if corr.log_is is None else corr.log_is[idx]
+        terms = objective(Segment(logp[idx], old[idx], adv[idx], k, lo, hi, log_is), cfg)
 
-        if cfg.ratio_grad == "token":
-            # GSPO-token: value rho_s, gradient rho_s * dl_t, zero where the clamp binds
-            ratio = (d_raw.detach() + logp[idx] - logp[idx].detach()).clamp(-c, c).exp()
-        else:
-            ratio = rho.expand(len(members))
-        a = adv[idx]
-        loss_t = torch.maximum(-a * ratio, -a * ratio.clamp(lo, hi))
-        if cfg.dual_clip is not None:
-            loss_t = torch.where(a < 0, torch.minimum(loss_t, -a * cfg.dual_clip), loss_t)
-        per_token = per_token.index_put((idx,), loss_t)
-        clipped_low[idx] = (a < 0) & (rho.detach() < lo)
-        clipped_high[idx] = (a > 0) & (rho.detach() > hi)
+        per_token = per_token.index_put((idx,), corr.weight[idx] * terms.policy)
+        kl_ratio = kl_ratio.index_put((idx,), terms.ratio)
+        ratios.append(terms.ratio_value)
+        flags["low"][idx] = terms.clipped_low
+        flags["high"][idx] = terms.clipped_high
+        if terms.dual_clipped is not None:
+            flags["dual"][idx] = terms.dual_clipped
+        if terms.phi is not None:
+            phis.append(terms.phi[0])  # phi at the segment's first masked-in token
 
     if cfg.beta > 0:
         diff = masked(batch.ref_logprobs.double() - logp)  # masked before exp: no 0 * inf where masked out
-        per_token = per_token + cfg.beta * masked(diff.exp() - diff - 1)
+        kl = masked(diff.exp() - diff - 1)
+        per_token = per_token + cfg.beta * (masked(kl_ratio * kl) if cfg.kl_ratio_weight else kl)
     if cfg.entropy_coef > 0:
         per_token = per_token - cfg.entropy_coef * masked(entropy)
 
@@ -185,21 +186,7 @@ def sspo_loss(
     else:
         loss = (per_token * weights).sum()
 
-    denom = max(n_tokens, 1)
-    num_segments = len(segments)
-    ratio_t = torch.stack(ratios) if ratios else torch.zeros(0, dtype=torch.float64)
-    metrics = {
-        "clip_frac_low": clipped_low.sum().double() / denom,
-        "clip_frac_high": clipped_high.sum().double() / denom,
-        "clip_frac": (clipped_low.sum() + clipped_high.sum()).double() / denom,
-        "ratio_mean": ratio_t.mean() if num_segments else torch.tensor(0.0, dtype=torch.float64),
-        "ratio_min": ratio_t.min() if num_segments else torch.tensor(0.0, dtype=torch.float64),
-        "ratio_max": ratio_t.max() if num_segments else torch.tensor(0.0, dtype=torch.float64),
-        "entropy_mean": masked(entropy.detach()).sum() / denom,
-        "approx_kl": masked(old - logp.detach()).sum() / denom,
-        "num_segments": torch.tensor(num_segments, dtype=torch.int64),
-        "mean_segment_len": torch.tensor(n_tokens / max(num_segments, 1), dtype=torch.float64),
-    }
+    metrics = _metrics(batch, cfg, logp, old, entropy, ratios, phis, flags, corr)
     shape = batch.token_shape
     return SSPOOutput(
         loss=loss.to(device),
@@ -207,6 +194,52 @@ def sspo_loss(
         entropy=masked(entropy.detach()).reshape(shape).to(device),
         metrics={k: v.detach().to(device) for k, v in metrics.items()},
     )
+
+
+def _metrics(
+    batch: FlatBatch,
+    cfg: LossConfig,
+    logp: torch.Tensor,
+    old: torch.Tensor,
+    entropy: torch.Tensor,
+    ratios: list[torch.Tensor],
+    phis: list[torch.Tensor],
+    flags: dict[str, torch.Tensor],
+    corr: Corrections,
+) -> dict[str, torch.Tensor]:
+    """Every metric of docs/loss.md "Outputs", in METRIC_NAMES order (all 0 without a masked-in token)."""
+    mask = batch.mask
+    n_tokens = int(mask.sum())
+    denom = max(n_tokens, 1)
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    num_segments = len(ratios)
+    ratio_t = torch.stack(ratios) if ratios else torch.zeros(0, dtype=torch.float64)
+
+    def frac(flag: torch.Tensor) -> torch.Tensor:  # share of the masked-in tokens
+        return (flag & mask).sum().double() / denom
+
+    is_in = corr.is_weight[mask]
+    return {
+        "clip_frac_low": frac(flags["low"]),
+        "clip_frac_high": frac(flags["high"]),
+        "clip_frac": ((flags["low"] & mask).sum() + (flags["high"] & mask).sum()).double() / denom,
+        "ratio_mean": ratio_t.mean() if num_segments else zero,
+        "ratio_min": ratio_t.min() if num_segments else zero,
+        "ratio_max": ratio_t.max() if num_segments else zero,
+        "entropy_mean": torch.where(mask, entropy.detach(), zero).sum() / denom,
+        "approx_kl": torch.where(mask, old - logp.detach(), zero).sum() / denom,
+        "num_segments": torch.tensor(num_segments, dtype=torch.int64),
+        "mean_segment_len": torch.tensor(n_tokens / max(num_segments, 1), dtype=torch.float64),
+        "is_weight_mean": is_in.sum() / denom,
+        "is_weight_min": is_in.min() if n_tokens else zero,
+        "is_weight_max": is_in.max() if n_tokens else zero,
+        "is_masked_frac": frac(corr.is_masked),
+        "off_policy_masked_frac": frac(corr.off_policy_masked),
+        "entropy_masked_frac": frac(corr.entropy_masked),
+        "dual_clip_frac": frac(flags["dual"]),
+        "cispo_clip_frac": frac(flags["high"]) if cfg.objective == "cispo" else zero,
+        "vespo_phi_mean": torch.stack(phis).mean() if phis else zero,
+    }
 
 
 def _to_cpu(batch: FlatBatch) -> FlatBatch:

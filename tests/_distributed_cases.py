@@ -15,6 +15,7 @@ import torch.distributed as dist
 from _assert import assert_close, assert_rel_norm
 from _cases import Batch, make_batch, pack
 from _collectives import Counter
+from _family_cases import CORRECTIONS, OBJECTIVES, build_options
 
 import reference
 from sspo_kernels import METRIC_NAMES, sspo_loss
@@ -325,6 +326,66 @@ def tp_x_sp_grid(ctx):
                tp=(tp, tp_rank, 2), seed=i, entropy_coef=0.01)  # fmt: skip
 
 
+# ---------------------------------------------------------------- the objectives and corrections
+
+
+@case(2, 4)
+def tp_objectives_and_corrections(ctx):
+    """Each objective with a rotating correction on a vocabulary split (the step sees the merged
+    statistics: nothing of it is per shard)."""
+    names = list(CORRECTIONS)
+    for i, objective in enumerate(OBJECTIVES):
+        b = _batch(150 + i, packed=i % 2 == 1, per_token_adv=i % 3 == 0)
+        opts = build_options(b, objective, names[(i + 1) % len(names)], 150 + i)
+        run_tp(ctx, b, ("token", "subsentence", "sequence")[i % 3], uneven=True, **opts)
+    b = _batch(157, packed=True)
+    run_tp(ctx, b, "subsentence", backend="triton", **build_options(b, "gmpo", "everything", 157))
+
+
+@case(2, 4)
+def sp_objectives_and_corrections(ctx):
+    """Rows on every rank: the rollout weights, policy weights and sampler log-probs are the whole
+    batch's per-token tensors; the step runs on the gathered statistics."""
+    pairs = (("cispo", "rollout-sequence-mask"), ("vespo", "everything"), ("sapo", "entropy-mask"),
+             ("clip", "off-policy-rollout"))  # fmt: skip
+    for i, (objective, correction) in enumerate(pairs):
+        b = _batch(160 + i, packed=i % 2 == 0)
+        run_sp(ctx, b, "subsentence", kind=("zigzag", "random")[i % 2], seed=i,
+               **build_options(b, objective, correction, 160 + i))  # fmt: skip
+
+
+@case(2, 4)
+def dp_entropy_mask_over_the_group(ctx):
+    """entropy_mask_quantile with entropy_mask_group: the quantile of every rank's masked-in entropies
+    (ranks with different batch sizes), on both backends and from hidden states; the reference gathers
+    the same way."""
+    from sspo_kernels import sspo_loss_from_hidden
+
+    lengths = [LENGTHS, [3, 8], [6, 0, 7, 2], [9]][ctx.rank]
+    b = make_batch(170 + ctx.rank, lengths, vocab=V, hole_p=0.2)
+    b = pack(b) if ctx.rank % 2 else b
+    opts = dict(entropy_mask_quantile=0.4, entropy_mask_group=ctx.world_group, objective="cispo")
+    for backend in ("torch", "triton"):
+        args, kw, ref, grad_ref, up = _reference(b, "subsentence", **opts)
+        leaf = b.logits.detach().float().requires_grad_(True)
+        out = sspo_loss(leaf, *args[1:], backend=backend, **kw)
+        _backward(out, up)
+        _compare(out, ref)
+        assert_rel_norm("dlogits", leaf.grad, grad_ref, tol=1e-5)
+        local = reference.sspo_loss(b.fresh_logits(), *args[1:], **{**kw, "entropy_mask_group": None})
+        if ctx.rank == 0:  # the group's quantile is not this rank's own (this batch differs)
+            assert not torch.equal(local.metrics["entropy_masked_frac"], ref.metrics["entropy_masked_frac"])
+    gen = torch.Generator().manual_seed(171)
+    hidden = torch.randn(*b.tokens.shape, 8, generator=gen, dtype=torch.float64)
+    weight = torch.randn(V, 8, generator=gen, dtype=torch.float64) * 0.5
+    b.logits = (hidden @ weight.T).requires_grad_(True)
+    args, kw, ref, _, up = _reference(b, "subsentence", **opts)
+    h = hidden.float().requires_grad_(True)
+    out = sspo_loss_from_hidden(h, weight.float(), *args[1:], **kw)
+    _backward(out, up)
+    _compare(out, ref)
+
+
 # ---------------------------------------------------------------- fused linear (tensor parallel)
 
 
@@ -371,7 +432,8 @@ def tp_fused_linear(ctx):
 @case(2, 4)
 def tp_fused_linear_every_granularity(ctx):
     """Every granularity with the default chunk size and vocab_start (an even split): token and
-    sequence granularity have no boundary table, so the full vocabulary size is unknown to the call."""
+    sequence granularity have no boundary table, so the full vocabulary size is unknown to the call.
+    Each with another objective and correction."""
     from sspo_kernels import sspo_loss_from_hidden
 
     vocab = 36  # splits evenly over 2 and 4 ranks
@@ -384,7 +446,8 @@ def tp_fused_linear_every_granularity(ctx):
         ref_leaves = [t.double().requires_grad_(True) for t in (hidden, weight)]
         b.logits = (ref_leaves[0] @ ref_leaves[1].T).detach().requires_grad_(True)
         _old_near_current(b, 230 + i)
-        args, kw, ref, _, up = _reference(b, g)
+        opts = build_options(b, OBJECTIVES[i], list(CORRECTIONS)[2 * i + 1], 230 + i)  # and an objective
+        args, kw, ref, _, up = _reference(b, g, **opts)
         ref2 = reference.sspo_loss(ref_leaves[0] @ ref_leaves[1].T, *args[1:], **kw)
         (ref2.loss * up).sum().backward()
         share = vocab // ctx.world

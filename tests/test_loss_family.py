@@ -14,6 +14,7 @@ import pytest
 import torch
 from _assert import assert_close, assert_rel_norm
 from _cases import Batch, make_batch, pack
+from _family_cases import AGG_MODES, BOUNDED, CORRECTIONS, OBJECTIVES, build_options
 
 import reference
 from bench.launches import count_call, make_call
@@ -23,51 +24,6 @@ from sspo_kernels._utils import POISON_ENV
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BACKENDS = ["torch", "triton"]
-OBJECTIVES = ["clip", "cispo", "sapo", "gmpo", "vespo", "reinforce"]
-BOUNDED = {"clip", "cispo", "gmpo"}
-AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "sum", "none"]
-# every correction, one at a time or together; the cases below rotate through them
-CORRECTIONS = {
-    "none": {},
-    "policy-token": dict(policy="token"),
-    "policy-response": dict(policy="response"),
-    "rollout-token-mask": dict(rollout="token", rollout_is_min=0.7, rollout_is_max=1.4),
-    "rollout-segment-truncate": dict(rollout="segment", rollout_is_mode="truncate", rollout_is_max=1.2),
-    "rollout-sequence-mask": dict(rollout="sequence", rollout_is_min=0.3, rollout_is_max=3.0),
-    "off-policy-old": dict(off_policy_mask=0.02),
-    "off-policy-rollout": dict(off_policy_mask=0.0, rollout=None),
-    "entropy-mask": dict(entropy_mask_quantile=0.6),
-    "kl-ratio": dict(beta=0.2, kl_ratio_weight=True),
-    "everything": dict(policy="token", rollout="token", off_policy_mask=0.05, entropy_mask_quantile=0.8, beta=0.1,
-                       kl_ratio_weight=True, entropy_coef=0.01),
-}  # fmt: skip
-
-
-def build_options(batch: Batch, objective: str, correction: str, seed: int) -> dict:
-    """sspo_loss keywords for this objective and correction on `batch` (random weights and sampler
-    log-probs near the old ones, with NaN at some masked-in and masked-out tokens)."""
-    gen = torch.Generator().manual_seed(1000 + seed)
-    spec = dict(CORRECTIONS[correction])
-    opts: dict = {"objective": objective}
-    if objective in BOUNDED:
-        opts.update(eps_low=0.1, eps_high=0.15, entropy_gamma=1.0)
-    policy = spec.pop("policy", None)
-    if policy == "token":
-        opts["policy_weights"] = torch.rand(batch.tokens.shape, generator=gen, dtype=torch.float64) * 2
-    elif policy == "response":
-        opts["policy_weights"] = torch.rand(batch.num_responses, generator=gen, dtype=torch.float64) * 2
-    level = spec.pop("rollout", "absent")
-    if level != "absent":
-        v = batch.old_logprobs + 0.2 * torch.randn(batch.tokens.shape, generator=gen, dtype=torch.float64)
-        v[torch.rand(batch.tokens.shape, generator=gen) < 0.15] = float("nan")  # unscored tokens, in and out
-        opts["rollout_logprobs"] = v
-        opts["rollout_is"] = "token" if objective == "vespo" and level is not None else level
-        if objective == "vespo" and "rollout_is_mode" in spec:  # vespo's weights are token-level
-            spec.pop("rollout_is_mode")
-    else:
-        spec = {k: v for k, v in spec.items() if not k.startswith("rollout_is")}
-    opts.update(spec)
-    return opts
 
 
 def _float(x):
@@ -231,3 +187,28 @@ def test_launch_budget_with_every_option(monkeypatch, objective):
     assert fwd.launches == {"logprob_entropy_fwd_kernel": 1, "segment_step_fwd_kernel": 1}, fwd.launches
     assert fwd.total <= 12, f"forward: {fwd.total}: {fwd.ops}"
     assert bwd.total <= 3, f"backward: {bwd.total}: {bwd.ops}"
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("granularity", ["token", "sequence", "subsentence", "sentence", "segments"])
+def test_every_objective_granularity_and_aggregation_torch(objective, granularity):
+    """The full product on the torch backend (the Triton backend runs the rotation above): every
+    aggregation mode, padded and packed, per-token advantages, A = 0 tokens, ratios far outside."""
+    seed = (
+        100
+        + OBJECTIVES.index(objective) * 5
+        + ["token", "sequence", "subsentence", "sentence", "segments"].index(granularity)
+    )
+    for i, mode in enumerate(AGG_MODES):
+        batch = make_batch(seed + 17 * i, [6, 0, 8, 1], seq_len=8, vocab=23, hole_p=0.2, per_token_adv=i % 2 == 1,
+                           log_ratio_scale=1.5 if i % 3 == 0 else 0.3)  # fmt: skip
+        batch.advantages[..., 0] = 0.0  # some A = 0 tokens (or responses)
+        batch = pack(batch) if i % 2 else batch
+        opts = build_options(batch, objective, "none", seed + i)
+        opts.update(loss_agg_mode=mode, norm_len=8)
+        args, kwargs, ref, up = _reference(batch, granularity, opts)
+        logits = batch.logits.detach().float().requires_grad_(True)
+        out = sspo_loss(logits, *map(_float, args[1:]), backend="torch", **{k: _float(v) for k, v in kwargs.items()})
+        (out.loss * (up.float() if isinstance(up, torch.Tensor) else up)).sum().backward()
+        _assert_outputs(out, ref)
+        assert_rel_norm(f"dlogits ({mode})", logits.grad, args[0].grad, tol=1e-5)

@@ -60,6 +60,10 @@ def _views(batch: Batch, granularity: str, how: str, per_token_adv: bool) -> tup
     """sspo_loss's arguments with every tensor but the logits replaced by a strided view."""
     args, kwargs = batch.inputs(granularity)
     _, tokens, old, adv, mask = args
+    gen = torch.Generator().manual_seed(len(how))
+    kwargs["policy_weights"] = torch.rand(tokens.shape, generator=gen)  # the correction inputs too
+    kwargs["rollout_logprobs"] = old.float() + 0.1 * torch.randn(tokens.shape, generator=gen)
+    kwargs["rollout_is"] = "segment" if granularity != "token" else "token"
     adv = adv.float()
     if per_token_adv and adv.dim() == 1 and batch.cu_seqlens is None:
         adv = adv[:, None].expand(tokens.shape)  # per-response values broadcast: stride 0 per token

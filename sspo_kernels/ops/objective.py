@@ -90,8 +90,9 @@ def objective_fwd(
     n_seg = sums[:, 2].clamp(min=1)
     k = _entropy_factor(sums[:, 1] / n_seg, entropy, n_tokens, cfg)
     ones = torch.ones_like(k)
-    lo = 1 - cfg.eps_low * (k if cfg.adapt_low else ones)
-    hi = 1 + cfg.eps_high * (k if cfg.adapt_high else ones)
+    width_low = cfg.eps_low * (k if cfg.adapt_low else ones)  # per segment slot
+    width_high = cfg.eps_high * (k if cfg.adapt_high else ones)
+    lo, hi = 1 - width_low, 1 + width_high
 
     # The off-policy corrections: W_t on the policy term (docs/loss.md "Off-policy corrections").
     rollout, outside, rseg = None, None, None
@@ -110,7 +111,7 @@ def objective_fwd(
     gamma = None
     clip_flags = None
     if cfg.objective == "gmpo":
-        x, gamma, *clip_flags = gmpo_log_ratio(x, adv, k[slot], cfg)
+        x, gamma, *clip_flags = gmpo_log_ratio(x, adv, -width_low[slot], width_high[slot])
         x = _masked(mask, x)
         unit_log_ratio = backend.segment_sum(x.unsqueeze(1), seg)[:, 0] / n_seg
     else:

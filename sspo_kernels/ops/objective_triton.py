@@ -31,6 +31,7 @@ from sspo_kernels.ops.corrections_triton import ROLLOUT_LEVELS, entropy_threshol
 from sspo_kernels.ops.objectives_triton import (
     OBJECTIVE_IDS,
     clamp_nan,
+    clip_widths,
     gmpo_log_ratio,
     max_nan,
     min_nan,
@@ -277,7 +278,7 @@ def segment_step_fwd_kernel(
         gmpo_segment_sums(
             logp_ptr, old_ptr, adv_ptr, seg_ptr, flags_ptr, prev_ptr, rid_ptr, tot_h_ptr, tot_n_ptr, run_d_ptr,
             tot_d_ptr, N, carry_seg, carry_last, h_ref, gamma, k_min, k_max, eps_low, eps_high,
-            ADAPTS, ADV_PER_RESPONSE, ON_POLICY, BLOCK_T,
+            ADAPTS, ADAPT_LOW, ADAPT_HIGH, ADV_PER_RESPONSE, ON_POLICY, BLOCK_T,
         )  # fmt: skip
 
     # ---- walk 2: per token objective, weights, loss, metric sums, gradient pieces
@@ -326,14 +327,9 @@ def segment_step_fwd_kernel(
         rho = tl.exp(clamp_nan(unit_log_ratio, -clamp_c, clamp_c))
         in_clamp = (unit_log_ratio >= -clamp_c) & (unit_log_ratio <= clamp_c)
         k = entropy_factor(tot_h_ptr, slot, m, n_s, h_ref, gamma, k_min, k_max, ADAPTS)
-        if ADAPT_LOW:
-            lo = 1 - eps_low * k
-        else:
-            lo = 1 - eps_low + 0 * k
-        if ADAPT_HIGH:
-            hi = 1 + eps_high * k
-        else:
-            hi = 1 + eps_high + 0 * k
+        width_low, width_high = clip_widths(k, eps_low, eps_high, ADAPT_LOW, ADAPT_HIGH)
+        lo = 1 - width_low
+        hi = 1 + width_high
         adv = advantage_of(adv_ptr, rid_ptr, o, m, ADV_PER_RESPONSE)
         lp = tl.load(logp_ptr + o, mask=m, other=0.0)
 
@@ -382,7 +378,7 @@ def segment_step_fwd_kernel(
         gamma_t = tl.full([BLOCK_T], 1.0, tl.float32)
         if OBJECTIVE == 3:
             x = log_ratio_of(logp_ptr, old_ptr, o, m, ON_POLICY)
-            _, gamma_t, low, high = gmpo_log_ratio(x, adv, k, eps_low, eps_high)
+            _, gamma_t, low, high = gmpo_log_ratio(x, adv, -width_low, width_high)
         loss_t = w_policy * value
         slope = w_policy * slope
         direct = w_policy * direct

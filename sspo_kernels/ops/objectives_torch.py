@@ -111,12 +111,11 @@ OBJECTIVES = {"clip": clip, "cispo": cispo, "sapo": sapo, "gmpo": gmpo, "vespo":
 
 
 def gmpo_log_ratio(
-    x: torch.Tensor, adv: torch.Tensor, k: torch.Tensor, cfg: LossConfig
+    x: torch.Tensor, adv: torch.Tensor, low_bound: torch.Tensor, high_bound: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GMPO's per-token log-ratio before the unit mean: (c_t, its slope gamma_t = dc/dx, and the
-    clip-fraction flags low, high). x: l_t - q_t; the bounds are log-space: -eps_low k, eps_high k."""
-    low_bound = -cfg.eps_low * k
-    high_bound = cfg.eps_high * k
+    clip-fraction flags low, high). x: l_t - q_t; the log-space bounds -eps_low k, eps_high k (k where
+    the bound adapts, else 1)."""
     bounded = torch.minimum(torch.maximum(x, low_bound), high_bound)
     positive, negative = adv > 0, adv < 0
     c = torch.where(positive, torch.minimum(x, bounded), torch.where(negative, torch.maximum(x, bounded), 0.0))
@@ -128,7 +127,7 @@ def vespo_log_weight(x: torch.Tensor, rollout: torch.Tensor | None) -> torch.Ten
     """VESPO's per-token share of log w_s: clamp(l - q, +-20) (+ clamp(log W^is, ln 1e-8, 20))."""
     share = x.clamp(-20.0, 20.0)
     if rollout is not None:
-        share = share + torch.log(rollout).clamp(math.log(1e-8), 20.0)
+        share = share + torch.log(rollout.clamp(min=1e-8)).clamp(math.log(1e-8), 20.0)
     return share
 
 

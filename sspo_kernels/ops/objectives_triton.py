@@ -127,11 +127,9 @@ def policy_term(
 
 
 @triton.jit
-def gmpo_log_ratio(x, adv, k, eps_low, eps_high):
+def gmpo_log_ratio(x, adv, low_bound, high_bound):
     """GMPO's per-token log-ratio before the unit mean: (c_t, gamma_t = dc/dx, clip-low, clip-high).
-    x = l - q; log-space bounds -eps_low k, eps_high k; c = 0 where A = 0."""
-    low_bound = -eps_low * k
-    high_bound = eps_high * k
+    x = l - q; the log-space bounds -eps_low k, eps_high k (k where the bound adapts); c = 0 where A = 0."""
     bounded = clamp_nan(x, low_bound, high_bound)
     positive = adv > 0
     negative = adv < 0
@@ -141,9 +139,23 @@ def gmpo_log_ratio(x, adv, k, eps_low, eps_high):
 
 
 @triton.jit
+def clip_widths(k, eps_low, eps_high, ADAPT_LOW: tl.constexpr, ADAPT_HIGH: tl.constexpr):
+    """(eps_low k, eps_high k), with k = 1 for a bound that does not adapt: lo = 1 - first, hi = 1 + second."""
+    if ADAPT_LOW:
+        low = eps_low * k
+    else:
+        low = eps_low + 0 * k
+    if ADAPT_HIGH:
+        high = eps_high * k
+    else:
+        high = eps_high + 0 * k
+    return low, high
+
+
+@triton.jit
 def vespo_log_weight(x, rollout, HAS_ROLLOUT: tl.constexpr):
     """VESPO's per-token share of log w_s: clamp(x, +-20) (+ clamp(log W^is, ln 1e-8, 20))."""
     share = clamp_nan(x, -20.0, 20.0)
     if HAS_ROLLOUT:
-        share += clamp_nan(tl.log(rollout), -18.420680743952367, 20.0)
+        share += clamp_nan(tl.log(tl.maximum(rollout, 1e-8)), -18.420680743952367, 20.0)
     return share

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sspo_kernels.ops.objectives_triton import clamp_nan, gmpo_log_ratio
+from sspo_kernels.ops.objectives_triton import clamp_nan, clip_widths, gmpo_log_ratio
 from sspo_kernels.ops.segment.scan import (
     OPENS,
     RESPONSE_OPENS,
@@ -90,7 +90,8 @@ def packed_response_ids(rid_ptr, cu_ptr, N, B, BLOCK_T: tl.constexpr):
 def gmpo_segment_sums(
     logp_ptr, old_ptr, adv_ptr, seg_ptr, flags_ptr, prev_ptr, rid_ptr, tot_h_ptr, tot_n_ptr, run_d_ptr, tot_d_ptr,
     N, carry_seg, carry_last, h_ref, gamma, k_min, k_max, eps_low, eps_high,
-    ADAPTS: tl.constexpr, ADV_PER_RESPONSE: tl.constexpr, ON_POLICY: tl.constexpr, BLOCK_T: tl.constexpr,
+    ADAPTS: tl.constexpr, ADAPT_LOW: tl.constexpr, ADAPT_HIGH: tl.constexpr, ADV_PER_RESPONSE: tl.constexpr,
+    ON_POLICY: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """gmpo: each token's log-ratio clipped with its segment's entropy factor, then the segments' sums of
     the clipped values written over the running sums and totals of the raw ones (run_d, tot_d)."""
@@ -106,7 +107,8 @@ def gmpo_segment_sums(
         n_s = tl.maximum(tl.load(tot_n_ptr + slot, mask=m, other=1.0), 1.0)
         k = entropy_factor(tot_h_ptr, slot, m, n_s, h_ref, gamma, k_min, k_max, ADAPTS)
         adv = advantage_of(adv_ptr, rid_ptr, o, m, ADV_PER_RESPONSE)
-        c, _, _, _ = gmpo_log_ratio(log_ratio_of(logp_ptr, old_ptr, o, m, ON_POLICY), adv, k, eps_low, eps_high)
+        width_low, width_high = clip_widths(k, eps_low, eps_high, ADAPT_LOW, ADAPT_HIGH)
+        c, _, _, _ = gmpo_log_ratio(log_ratio_of(logp_ptr, old_ptr, o, m, ON_POLICY), adv, -width_low, width_high)
         r_c = running_sum(f_open, tl.where(m, c, 0.0), carry_c)
         tl.store(run_d_ptr + o, r_c, mask=m_o)
         carry_c = last(r_c, tl.arange(0, BLOCK_T), end)
