@@ -234,8 +234,9 @@ def test_hydra_override_example_builds_the_config():
 
 
 def test_plugin_loads_through_verl_entry_point(tmp_path):
-    """`import verl` in a fresh process loads the `verl.plugins` entry point and installs the loss; a plugin that
-    failed to import would only be logged by verl, so the child prints verl's log and the test asserts."""
+    """`import verl` in a fresh process loads the `verl.plugins` entry point and installs the loss (and the driver's
+    bypass-mode guards); a plugin that failed to import would only be logged by verl, so the child prints verl's log
+    and the test asserts."""
     dist = tmp_path / "sspo_entry-0.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sspo-entry\nVersion: 0.0\n")
@@ -249,6 +250,11 @@ def test_plugin_loads_through_verl_entry_point(tmp_path):
         import verl.workers.utils.losses as losses
         assert "sspo" in POLICY_LOSS_REGISTRY, "plugin not registered"
         assert losses.ppo_loss.__module__ == "sspo_kernels.integrations.verl", losses.ppo_loss
+        # the driver's bypass-mode guards, bound as main_ppo binds validate_config after `import verl`
+        from verl.utils.config import validate_config
+        from verl.trainer.ppo import rollout_corr_helper
+        assert hasattr(validate_config, "__sspo_original__"), validate_config
+        assert hasattr(rollout_corr_helper.apply_bypass_mode, "__sspo_original__")
         print("PLUGIN-OK")
         """
     )

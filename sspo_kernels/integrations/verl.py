@@ -6,9 +6,13 @@ handles `loss_mode == "sspo"` and hands every other mode to verl's own `ppo_loss
 it (verl imports it in every worker through the `verl.plugins` entry point `sspo`); `install()` is idempotent.
 
 Options live in the actor's `policy_loss` node, typed by `SSPOPolicyLossConfig` (select it with
-`actor_rollout_ref.actor.policy_loss._target_=sspo_kernels.integrations.verl.SSPOPolicyLossConfig`). The
-normalisers come from verl's global batch info (`batch_num_tokens`, `global_batch_size`, `dp_size`,
-`loss_scale_factor`), and the entropy bonus and KL loss are verl's own code, applied as verl applies them.
+`actor_rollout_ref.actor.policy_loss._target_=sspo_kernels.integrations.verl.SSPOPolicyLossConfig`; its keys and
+their mapping onto the package's options are in `verl_options.py`): the granularity, the objective (clip, cispo,
+sapo, gmpo, vespo, reinforce) and its parameters. The normalisers come from verl's global batch info
+(`batch_num_tokens`, `global_batch_size`, `dp_size`, `loss_scale_factor`), verl's rollout-correction weights
+(`rollout_is_weights`) are the loss's `policy_weights`, and the entropy bonus and KL loss are verl's own code,
+applied as verl applies them. verl's bypass mode (`algorithm.rollout_correction.bypass_mode`) is refused in the
+driver, by verl's `validate_config` and `apply_bypass_mode` (wrapped here), and in the workers.
 
 Fused forward: with `SSPO_VERL_FUSED=1` in the workers' environment (read when this module is imported), or after
 `install_fused()`, verl's fused-kernel forward (`actor_rollout_ref.model.use_fused_kernels=True` with
@@ -21,21 +25,32 @@ Written against verl 0.9.1.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+import verl.trainer.ppo.rollout_corr_helper as _verl_rollout_corr
+import verl.utils.config as _verl_config
 import verl.workers.utils.losses as _verl_losses
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, agg_loss, kl_penalty, register_policy_loss
 from verl.utils.metric import AggregationType, Metric
-from verl.workers.config import PolicyLossConfig
 from verl.workers.utils.padding import no_padding_2_padding
 
 from sspo_kernels import sspo_loss_from_logprobs, token_logprobs_from_hidden
-from sspo_kernels.integrations._common import build_boundary, check_options, drop_none, text_tokenizer
+from sspo_kernels.integrations.verl_options import (
+    BYPASS_SETTING,
+    LOSS_MODE,
+    SSPOPolicyLossConfig,
+    aggregation,
+    needs_entropy,
+    policy_options,
+    policy_weights,
+    refuse_bypass,
+    refuse_bypass_in_trainer_config,
+)
 
 __all__ = [
     "FUSED_ENV",
@@ -47,144 +62,25 @@ __all__ = [
     "sspo_ppo_loss",
 ]
 
-LOSS_MODE = "sspo"
 # Modules that bind `ppo_loss` by name at import (`from verl.workers.utils.losses import ppo_loss`).
 _BINDERS = ("verl.workers.engine_workers", "verl.trainer.distillation.losses")
+# Modules that bind verl's `validate_config` by name at import (the trainers' entry points).
+_VALIDATE_BINDERS = ("verl.utils", "verl.trainer.main_ppo", "verl.trainer.main_ppo_v0",
+                     "verl.experimental.one_step_off_policy.main_ppo")  # fmt: skip
 # The switch of the fused forward, and where verl defines and binds its `linear_cross_entropy`: the FSDP forwards
 # (`verl/models/transformers/*.py`) import it from `_KERNEL_MODULE` at call time, Megatron's at import.
 FUSED_ENV = "SSPO_VERL_FUSED"
 _KERNEL_MODULE = "verl.utils.kernel.linear_cross_entropy"
 _FUSED_BINDERS = ("verl.models.mcore.model_forward_fused", "verl.models.mcore.model_forward_1f1b_overlap")
-
-
-@dataclass
-class SSPOPolicyLossConfig(PolicyLossConfig):
-    """verl's `PolicyLossConfig` plus the sspo_kernels options (used when `loss_mode == "sspo"`).
-
-    - `granularity`: "subsentence" (default), "sentence" (boundary table from the actor's tokenizer;
-      `boundary_chars` overrides the characters), "sequence" or "token".
-    - `eps_low` / `eps_high`: clip widths; None = the actor's `clip_ratio_low` / `clip_ratio_high` at token and
-      sequence granularity, the package's defaults at (sub)sentence granularity.
-    - `dual_clip`: apply the actor's `clip_ratio_c` for negative advantages (as verl's `vanilla` does).
-    - `entropy_gamma`, `k_min`, `k_max`, `entropy_ref` (None = the micro-batch's mean entropy), `adapt_low`,
-      `adapt_high`: entropy-adaptive clip; it needs `actor.calculate_entropy=True`.
-    - `log_ratio_clamp`, `ratio_grad` ("exact" | "token": verl's `gspo` form), `backend`: package settings.
-    """
-
-    granularity: str = "subsentence"
-    boundary_chars: str | None = None
-    eps_low: float | None = None
-    eps_high: float | None = None
-    dual_clip: bool = True
-    entropy_gamma: float | None = None
-    k_min: float | None = None
-    k_max: float | None = None
-    entropy_ref: float | None = None
-    adapt_low: bool = True
-    adapt_high: bool = True
-    log_ratio_clamp: float = 20.0
-    ratio_grad: str = "exact"
-    backend: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.granularity is None:
-            raise ValueError("policy_loss.granularity must be set (subsentence, sentence, sequence or token)")
-        check_options("policy_loss", _fields(self))
-        if not isinstance(self.dual_clip, bool):
-            raise TypeError(f"policy_loss.dual_clip must be a bool, got {self.dual_clip!r}")
-
-
-_OPTION_NAMES = (
-    "granularity",
-    "boundary_chars",
-    "eps_low",
-    "eps_high",
-    "entropy_gamma",
-    "k_min",
-    "k_max",
-    "entropy_ref",
-    "adapt_low",
-    "adapt_high",
-    "log_ratio_clamp",
-    "ratio_grad",
-    "backend",
-)
-
-
-def _fields(policy_loss: Any) -> dict[str, Any]:
-    """The sspo options of a policy-loss config node; a plain `PolicyLossConfig` gives the defaults."""
-    defaults = SSPOPolicyLossConfig.__dataclass_fields__
-    return {name: policy_loss.get(name, defaults[name].default) for name in _OPTION_NAMES}
-
-
-_BOUNDARY_CACHE: dict[tuple[int, str, str | None, int], torch.Tensor] = {}
-
-
-def _boundary(config: Any, granularity: str, chars: str | None) -> torch.Tensor:
-    """The actor tokenizer's boundary table, built once per (tokenizer, granularity, characters)."""
-    model_config = config.get("model_config")
-    tokenizer = getattr(model_config, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError(
-            f"policy_loss.granularity={granularity!r} needs the actor's tokenizer (actor.model_config.tokenizer); "
-            "use granularity='sequence' or 'token' where no tokenizer is loaded"
-        )
-    tokenizer = text_tokenizer(tokenizer)
-    hf_config = getattr(model_config, "hf_config", None)
-    vocab = max(len(tokenizer), int(getattr(hf_config, "vocab_size", 0) or 0))
-    key = (id(tokenizer), granularity, chars, vocab)
-    if key not in _BOUNDARY_CACHE:
-        _BOUNDARY_CACHE[key] = build_boundary(tokenizer, granularity, chars, vocab)
-    return _BOUNDARY_CACHE[key]
-
-
-def _aggregation(config: Any, data: Any, horizon: int) -> tuple[dict[str, Any], float]:
-    """(aggregation options, factor on the loss) equal to verl's `agg_loss` with the global batch info."""
-    mode = config.loss_agg_mode
-    dp_size = data["dp_size"]
-    num_tokens = data["batch_num_tokens"]
-    num_seqs = data["global_batch_size"]
-    if mode == "token-sum":
-        return {"loss_agg_mode": "sum"}, float(dp_size)
-    if mode == "token-mean":
-        count, what = num_tokens, "batch_num_tokens"
-        opts = {"loss_agg_mode": "token-mean"}
-    elif mode in ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
-        count, what = num_seqs, "global_batch_size"
-        opts = {"loss_agg_mode": mode}
-        if mode == "seq-mean-token-sum-norm":
-            opts["norm_len"] = config.loss_scale_factor if config.loss_scale_factor is not None else horizon
-    else:
-        raise ValueError(f"actor.loss_agg_mode={mode!r} is not supported by loss_mode='sspo'")
-    if count is None:
-        if dp_size > 1:
-            raise ValueError(f"loss_mode='sspo' needs the global {what} when dp_size > 1")
-    else:
-        # verl divides by the global count and multiplies by dp_size: a local normaliser of count / dp_size
-        opts["normalizer"] = count / dp_size
-    return opts, 1.0
-
-
-def _policy_options(config: Any) -> dict[str, Any]:
-    """Options of `sspo_loss_from_logprobs` from the actor config (clip widths, dual clip, package settings)."""
-    fields = _fields(config.policy_loss)
-    check_options("policy_loss", fields)
-    g = fields["granularity"]
-    follow_verl = g in ("token", "sequence")
-    low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
-    high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
-    opts = {
-        name: fields[name]
-        for name in _OPTION_NAMES
-        if name not in ("boundary_chars", "eps_low", "eps_high") and fields[name] is not None
-    }
-    opts["eps_low"] = fields["eps_low"] if fields["eps_low"] is not None or not follow_verl else low
-    opts["eps_high"] = fields["eps_high"] if fields["eps_high"] is not None or not follow_verl else high
-    if config.policy_loss.get("dual_clip", True):
-        opts["dual_clip"] = config.get("clip_ratio_c", 3.0)
-    if g in ("subsentence", "sentence"):
-        opts["boundary"] = _boundary(config, g, fields["boundary_chars"])
-    return drop_none(opts)
+# Metrics logged under verl's names (pg_clipfrac_lower: verl's dual-clip fraction), then under actor/sspo/.
+_VERL_METRICS = {
+    "actor/pg_clipfrac": "clip_frac",
+    "actor/ppo_kl": "approx_kl",
+    "actor/pg_clipfrac_lower": "dual_clip_frac",
+}
+_SSPO_METRICS = ("clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_min", "ratio_max", "num_segments",
+                 "mean_segment_len")  # fmt: skip
+_OBJECTIVE_METRICS = {"cispo": ("cispo_clip_frac",), "vespo": ("vespo_phi_mean",)}
 
 
 def _padded_tokens(data: Any, shape: torch.Size) -> torch.Tensor:
@@ -221,23 +117,23 @@ def sspo_ppo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = No
         or data["global_batch_size"] is not None
         or config.loss_scale_factor is not None
     )
-    aggregation = AggregationType.SUM if global_norm else AggregationType.MEAN
-    agg, factor = _aggregation(config, data, log_prob.shape[1])
+    metric_aggregation = AggregationType.SUM if global_norm else AggregationType.MEAN
+    agg, factor = aggregation(config, data, log_prob.shape[1])
 
-    if "rollout_is_weights" in data:
-        raise ValueError("loss_mode='sspo' does not apply rollout-correction weights; turn rollout_correction off")
-    fields = ["response_mask", "old_log_probs", "advantages"] + (["ref_log_prob"] if "ref_log_prob" in data else [])
+    # verl's rollout correction (decoupled mode): its IS weights arrive as `rollout_is_weights` (token- or
+    # sequence-level, broadcast per token and zero where masked out), its rejection mask inside `response_mask`
+    fields = ["response_mask", "old_log_probs", "advantages"]
+    fields += [name for name in ("rollout_is_weights", "ref_log_prob") if name in data]
     batch = data.select(*fields).to_padded_tensor()
     mask = batch["response_mask"].to(torch.bool)
 
-    opts = _policy_options(config)
-    gamma = opts.get("entropy_gamma")
-    adaptive = gamma != 0 if gamma is not None else opts["granularity"] in ("subsentence", "sentence")
-    if adaptive and entropy is None:
+    opts = policy_options(config)
+    if needs_entropy(opts) and entropy is None:
         raise ValueError(
             "loss_mode='sspo' with entropy adaptation needs the entropies: set actor.calculate_entropy=True "
             "(or policy_loss.entropy_gamma=0)"
         )
+    weights = policy_weights(opts["objective"], batch.get("rollout_is_weights", None), mask)
     out = sspo_loss_from_logprobs(
         log_prob,
         None if entropy is None else entropy.detach(),
@@ -245,34 +141,34 @@ def sspo_ppo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = No
         batch["old_log_probs"],
         batch["advantages"],
         mask,
+        policy_weights=weights,
         **opts,
         **agg,
     )
     pg_loss = out.loss * factor if factor != 1.0 else out.loss
-    m = out.metrics
-    metrics: dict[str, Any] = Metric.from_dict(
-        {
-            "actor/pg_clipfrac": m["clip_frac"].item(),
-            "actor/ppo_kl": m["approx_kl"].item(),
-            **{f"actor/sspo/{k}": m[k].float().item() for k in ("ratio_mean", "ratio_min", "ratio_max")},
-            **{f"actor/sspo/{k}": m[k].float().item() for k in ("num_segments", "mean_segment_len")},
-        },
-        aggregation=AggregationType.MEAN,
-    )
-    metrics["actor/pg_loss"] = Metric(value=pg_loss, aggregation=aggregation)
+    metrics: dict[str, Any] = Metric.from_dict(_metric_values(out.metrics, opts["objective"]), AggregationType.MEAN)
+    metrics["actor/pg_loss"] = Metric(value=pg_loss, aggregation=metric_aggregation)
     loss = pg_loss
 
     if entropy is not None:  # verl's entropy bonus, exactly as its ppo_loss applies it
         entropy_loss = agg_loss(loss_mat=entropy, loss_mask=mask, loss_agg_mode=config.loss_agg_mode, **info)
         loss = loss - config.entropy_coeff * entropy_loss
-        metrics["actor/entropy_loss"] = Metric(value=entropy_loss, aggregation=aggregation)
+        metrics["actor/entropy_loss"] = Metric(value=entropy_loss, aggregation=metric_aggregation)
     if config.use_kl_loss:  # verl's KL loss, exactly as its ppo_loss applies it
         kld = kl_penalty(logprob=log_prob, ref_logprob=batch["ref_log_prob"], kl_penalty=config.kl_loss_type)
         kl_loss = agg_loss(loss_mat=kld, loss_mask=mask, loss_agg_mode=config.loss_agg_mode, **info)
         loss = loss + kl_loss * config.kl_loss_coef
-        metrics["kl_loss"] = Metric(value=kl_loss, aggregation=aggregation)
+        metrics["kl_loss"] = Metric(value=kl_loss, aggregation=metric_aggregation)
         metrics["kl_coef"] = config.kl_loss_coef
     return loss, metrics
+
+
+def _metric_values(m: dict[str, torch.Tensor], objective: str) -> dict[str, float]:
+    """The loss's metrics as Python floats under verl's names and actor/sspo/..., read in one host sync."""
+    ours = (*_SSPO_METRICS, *_OBJECTIVE_METRICS.get(objective, ()))
+    names = {**_VERL_METRICS, **{f"actor/sspo/{k}": k for k in ours}}
+    values = torch.stack([m[k].float() for k in names.values()]).tolist()
+    return dict(zip(names, values))
 
 
 def _registered_placeholder(**kwargs: Any) -> tuple[torch.Tensor, dict]:
@@ -344,21 +240,54 @@ def _fused_requested() -> bool:
 
 _ORIGINAL_PPO_LOSS = getattr(_verl_losses.ppo_loss, "__sspo_original__", _verl_losses.ppo_loss)
 sspo_ppo_loss.__sspo_original__ = _ORIGINAL_PPO_LOSS  # type: ignore[attr-defined]
+_ORIGINAL_VALIDATE = getattr(_verl_config.validate_config, "__sspo_original__", _verl_config.validate_config)
+_ORIGINAL_BYPASS = getattr(
+    _verl_rollout_corr.apply_bypass_mode, "__sspo_original__", _verl_rollout_corr.apply_bypass_mode
+)
+
+
+@functools.wraps(_ORIGINAL_VALIDATE)
+def _validate_config(config: Any, *args: Any, **kwargs: Any) -> Any:
+    """verl's `validate_config` (the trainers' start-up check, in the driver), refusing bypass mode with sspo."""
+    refuse_bypass_in_trainer_config(config)
+    return _ORIGINAL_VALIDATE(config, *args, **kwargs)
+
+
+@functools.wraps(_ORIGINAL_BYPASS)
+def _apply_bypass_mode(batch: Any, rollout_corr_config: Any = None, policy_loss_config: Any = None) -> Any:
+    """verl's `apply_bypass_mode` (the legacy trainer's per-step switch, in the driver), refusing loss_mode=sspo."""
+    if policy_loss_config is not None and policy_loss_config.get("loss_mode", None) == LOSS_MODE:
+        refuse_bypass(BYPASS_SETTING, {"bypass_mode": True})
+    return _ORIGINAL_BYPASS(batch, rollout_corr_config, policy_loss_config)
+
+
+_validate_config.__sspo_original__ = _ORIGINAL_VALIDATE  # type: ignore[attr-defined]
+_apply_bypass_mode.__sspo_original__ = _ORIGINAL_BYPASS  # type: ignore[attr-defined]
 
 
 def install() -> None:
     """Make verl's actor use `sspo_ppo_loss` (idempotent): replace `ppo_loss` in verl's losses module and in the
-    modules already imported that bound it by name, and register `loss_mode="sspo"` in verl's registry. With
-    `SSPO_VERL_FUSED=1` in the environment, also `install_fused()`."""
+    modules already imported that bound it by name, and register `loss_mode="sspo"` in verl's registry. For the
+    driver, wrap verl's `validate_config` and `apply_bypass_mode`, which then refuse bypass mode
+    (`algorithm.rollout_correction.bypass_mode`) with loss_mode="sspo". With `SSPO_VERL_FUSED=1` in the environment,
+    also `install_fused()`."""
     if LOSS_MODE not in POLICY_LOSS_REGISTRY:
         register_policy_loss(LOSS_MODE)(_registered_placeholder)
     _verl_losses.ppo_loss = sspo_ppo_loss
-    for name in _BINDERS:
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, "ppo_loss", None) is _ORIGINAL_PPO_LOSS:
-            module.ppo_loss = sspo_ppo_loss
+    _rebind(_BINDERS, "ppo_loss", _ORIGINAL_PPO_LOSS, sspo_ppo_loss)
+    _verl_config.validate_config = _validate_config
+    _rebind(_VALIDATE_BINDERS, "validate_config", _ORIGINAL_VALIDATE, _validate_config)
+    _verl_rollout_corr.apply_bypass_mode = _apply_bypass_mode  # the trainers import it at call time
     if _fused_requested():
         install_fused()
+
+
+def _rebind(modules: tuple[str, ...], name: str, original: Any, replacement: Any) -> None:
+    """Point `module.name` at `replacement` in the modules already imported that bound `original` by name."""
+    for module_name in modules:
+        module = sys.modules.get(module_name)
+        if module is not None and getattr(module, name, None) is original:
+            setattr(module, name, replacement)
 
 
 install()
