@@ -94,8 +94,9 @@ def quantile_of_sorted(sorted_values: torch.Tensor, q: float) -> torch.Tensor:
     first = m - n  # the masked-in values start here
     if m == 0:
         return torch.full((), torch.inf, device=sorted_values.device)
-    low = sorted_values[(first + below.long()).clamp(max=m - 1)]
-    high = sorted_values[(first + rank.ceil().long()).clamp(max=m - 1)]
+    # gathers at device-side positions (an index tensor, never a Python int: no host read, traceable)
+    low = sorted_values.gather(0, (first + below.long()).clamp(max=m - 1).reshape(1))[0]
+    high = sorted_values.gather(0, (first + rank.ceil().long()).clamp(max=m - 1).reshape(1))[0]
     value = torch.lerp(low, high, weight)
     return torch.where(n > 0, value, torch.full_like(value, torch.inf))
 
