@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# The GPU suite: every GPU-only check and the full benchmark, results in one folder.
+# The GPU suite: the GPU tests and the GPU benchmark, results in one folder, one table printed.
 #
 #   bash bench/gpu_suite.sh OUTDIR
 #
 # Needs only the repository and a CUDA machine with torch and triton installed (no network, no pip
-# install): it runs from the repository root with PYTHONPATH set to it. Steps, each bounded by a
-# timeout and logged in OUTDIR/steps.log; a failing step does not stop the next one:
-#   env      versions, GPU, git revision                          -> env.txt
-#   aot      python -m sspo_kernels.aot (CPU only: runs in the background during the tests)
-#                                                                  -> aot.txt
-#   pytest   pytest -m gpu tests/                                  -> pytest_gpu.log, pytest_gpu.xml
-#   launches python -m bench.launches --time                     -> launches.json, launches.log
-#   bench    python -m bench.run --suite gpu                       -> bench/ (CSV, JSON, table, plots), bench.log
-#   summary  all of the above in one page                          -> SUMMARY.md
-# Worst case about 9.5 minutes (the step timeouts below); typically much less.
+# install; liger-kernel and matplotlib are optional): it runs from the repository root with PYTHONPATH
+# set to it. Steps, each bounded by a timeout and logged in OUTDIR/steps.log; a failing step does not
+# stop the next one:
+#   env      versions, GPU, git revision                               -> env.txt            (timeout  60 s)
+#   aot      python -m sspo_kernels.aot (CPU only, in the background)   -> aot.txt            (timeout 240 s)
+#   pytest   pytest -m gpu tests/                                       -> pytest_gpu.log/.xml (timeout 240 s)
+#   results  python -m bench.gpu_results (bench/README.md, "GPU suite") -> results.json, table.txt
+#                                                                                             (timeout 150 s)
+#   summary  all of the above on one page                               -> SUMMARY.md
+# Worst case 7.5 minutes (the timeouts of the steps in sequence; the AOT report overlaps them), so a
+# rerun fits in a 15-minute GPU session; typically much less. A step that times out gets SIGINT first:
+# pytest then still prints its summary and writes its XML for what ran.
 
 set -u
 
@@ -27,16 +29,18 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO" || exit 2
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-# a private Triton cache, so the first-call column includes compilation the same way on every run
+# a private Triton cache, so the compile times are the same on every run (and count in the budget)
 export TRITON_CACHE_DIR="$OUT/triton_cache"
+unset TRITON_INTERPRET
 
-PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-210}
+ENV_TIMEOUT=${ENV_TIMEOUT:-60}
 AOT_TIMEOUT=${AOT_TIMEOUT:-240}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-270}
-LAUNCH_TIMEOUT=${LAUNCH_TIMEOUT:-90}
+PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-240}
+RESULTS_TIMEOUT=${RESULTS_TIMEOUT:-150}
 
 STEPS="$OUT/steps.log"
 : > "$STEPS"
+: > "$OUT/status.txt"
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$STEPS"; }
 
 # run_step NAME TIMEOUT_S LOGFILE CMD...: run CMD with a timeout, output to LOGFILE, status to steps.log
@@ -45,7 +49,7 @@ run_step() {
     shift 3
     local start=$SECONDS
     log "start $name (timeout ${limit}s): $*"
-    timeout --kill-after=10 "$limit" "$@" > "$logfile" 2>&1
+    timeout --signal=INT --kill-after=15 "$limit" "$@" > "$logfile" 2>&1
     local rc=$?
     local what="exit $rc"
     [ $rc -eq 124 ] && what="TIMED OUT after ${limit}s"
@@ -54,10 +58,9 @@ run_step() {
     return 0
 }
 
-: > "$OUT/status.txt"
 log "repository $REPO, python $PY, output $OUT"
 
-{
+env_report() {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "git: $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)"
     echo "host: $(uname -a)"
@@ -65,25 +68,22 @@ log "repository $REPO, python $PY, output $OUT"
     "$PY" - <<'EOF' 2>&1
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print("device", p.name, f"{p.total_memory / 2**30:.1f} GiB", "sm", f"{p.major}.{p.minor}", "SMs", p.multi_processor_count)
-try:
-    import triton
-    print("triton", triton.__version__)
-except ImportError as e:
-    print("triton missing:", e)
-for mod in ("pytest", "matplotlib", "liger_kernel"):
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"device {i}", p.name, f"{p.total_memory / 2**30:.1f} GiB", "sm", f"{p.major}.{p.minor}", "SMs", p.multi_processor_count)
+for mod in ("triton", "pytest", "hypothesis", "matplotlib", "liger_kernel"):
     try:
         m = __import__(mod)
         print(mod, getattr(m, "__version__", "?"))
     except ImportError:
         print(mod, "not installed")
 EOF
-} > "$OUT/env.txt" 2>&1
-log "env written"
+}
+export -f env_report
+export REPO PY
+run_step env "$ENV_TIMEOUT" "$OUT/env.txt" bash -c env_report
 
-# The AOT compile uses the CPU only; overlapping it with the GPU tests saves a minute or two.
+# The AOT compile uses the CPU only; it overlaps the GPU steps and is waited for at the end.
 log "start aot in the background (timeout ${AOT_TIMEOUT}s)"
 AOT_START=$SECONDS
 ( env -u TRITON_INTERPRET TRITON_CACHE_DIR="$OUT/triton_cache_aot" \
@@ -91,9 +91,21 @@ AOT_START=$SECONDS
   echo $? > "$OUT/aot.rc" ) &
 AOT_PID=$!
 
+# Every CUDA case of the comparison tests and tests/test_gpu.py; --durations shows where the time goes.
+# Most of the time is Triton compiling each kernel variant once: with pytest-xdist installed, 4 workers
+# compile side by side (PYTEST_WORKERS=0 turns it off).
+XDIST=()
+if [ "${PYTEST_WORKERS:-4}" != 0 ] && "$PY" -c "import xdist" > /dev/null 2>&1; then
+    XDIST=(-n "${PYTEST_WORKERS:-4}")
+fi
 run_step pytest "$PYTEST_TIMEOUT" "$OUT/pytest_gpu.log" \
-    "$PY" -m pytest -m gpu tests/ -q -rs -p no:cacheprovider --continue-on-collection-errors \
-    --junitxml "$OUT/pytest_gpu.xml"
+    "$PY" -m pytest -m gpu tests/ -q -rfEs -p no:cacheprovider --continue-on-collection-errors \
+    --durations=30 --junitxml "$OUT/pytest_gpu.xml" ${XDIST[@]+"${XDIST[@]}"}
+
+# The headline, fused linear, segment step, launch counts and Liger side by side (bench/gpu_results.py);
+# results.json is rewritten after each section, so a timeout keeps what was measured.
+run_step results "$RESULTS_TIMEOUT" "$OUT/gpu_results.log" \
+    "$PY" -m bench.gpu_results --out "$OUT" --pytest-xml "$OUT/pytest_gpu.xml"
 
 wait "$AOT_PID"
 AOT_RC=$(cat "$OUT/aot.rc" 2>/dev/null || echo "?")
@@ -101,17 +113,7 @@ rm -f "$OUT/aot.rc"
 AOT_WHAT="exit $AOT_RC"
 [ "$AOT_RC" = 124 ] && AOT_WHAT="TIMED OUT after ${AOT_TIMEOUT}s"
 log "end   aot: $AOT_WHAT, $((SECONDS - AOT_START))s since its start"
-echo "aot: $AOT_WHAT, $((SECONDS - AOT_START))s (overlapped with pytest)" >> "$OUT/status.txt"
-
-# Launch counts per option set, the segment step alone (fused vs composed) and a CUDA-graph replay of
-# forward + backward against eager calls (bf16, N = 8192, V = 151,936).
-run_step launches "$LAUNCH_TIMEOUT" "$OUT/launches.log" "$PY" -m bench.launches --time --out "$OUT"
-
-# The Triton and fused-linear paths at the sizes of the issues; the torch backend is left out (it
-# is the CPU path; its chunks are sized for a CPU cache). The AOT report is the step above.
-run_step bench "$BENCH_TIMEOUT" "$OUT/bench.log" \
-    "$PY" -m bench.run --suite gpu --device cuda --out "$OUT/bench" --aot off --launches off \
-    --paths baseline triton triton-inplace baseline-linear fused-linear
+echo "aot: $AOT_WHAT, $((SECONDS - AOT_START))s (in the background)" >> "$OUT/status.txt"
 
 {
     echo "# GPU suite results"
@@ -126,10 +128,16 @@ run_step bench "$BENCH_TIMEOUT" "$OUT/bench.log" \
     cat "$OUT/status.txt"
     echo '```'
     echo
+    echo "## Benchmark (bench/gpu_results.py; every number in results.json)"
+    echo
+    echo '```'
+    if [ -f "$OUT/table.txt" ]; then cat "$OUT/table.txt"; else tail -n 40 "$OUT/gpu_results.log"; fi
+    echo '```'
+    echo
     echo "## pytest -m gpu tests/ (last lines)"
     echo
     echo '```'
-    tail -n 15 "$OUT/pytest_gpu.log" 2>/dev/null
+    tail -n 60 "$OUT/pytest_gpu.log" 2>/dev/null
     echo '```'
     echo
     echo "## python -m sspo_kernels.aot"
@@ -137,18 +145,13 @@ run_step bench "$BENCH_TIMEOUT" "$OUT/bench.log" \
     echo '```'
     cat "$OUT/aot.txt" 2>/dev/null
     echo '```'
-    echo
-    echo "## Launch counts and segment-step / CUDA-graph timings (python -m bench.launches --time)"
-    echo
-    echo '```'
-    cat "$OUT/launches.log" 2>/dev/null
-    echo '```'
-    echo
-    echo "## Benchmark (bench/table.txt; CSV, JSON and plots in bench/)"
-    echo
-    echo '```'
-    if [ -f "$OUT/bench/table.txt" ]; then cat "$OUT/bench/table.txt"; else tail -n 40 "$OUT/bench.log"; fi
-    echo '```'
 } > "$OUT/SUMMARY.md"
 rm -rf "$OUT/triton_cache" "$OUT/triton_cache_aot"
-log "done: $OUT/SUMMARY.md"
+
+echo
+cat "$OUT/status.txt"
+echo
+if [ -f "$OUT/table.txt" ]; then cat "$OUT/table.txt"; else echo "no table: see $OUT/gpu_results.log"; tail -n 20 "$OUT/gpu_results.log"; fi
+echo
+tail -n 1 "$OUT/pytest_gpu.log" 2>/dev/null
+log "done: $OUT/results.json, $OUT/SUMMARY.md"

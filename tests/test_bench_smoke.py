@@ -1,7 +1,8 @@
-"""The benchmark's own checks: its baseline computes docs/loss.md's loss, and the runner works end to end.
+"""The benchmark's own checks: its baseline computes docs/loss.md's loss, and the runners work end to end.
 
-The runner test is a smoke test on tiny shapes (`python -m bench.run --quick`, a few seconds): it
-checks that every output file is written and every row is complete, never how fast anything is.
+The runner tests are smoke tests on tiny shapes (`python -m bench.run --quick` and
+`python -m bench.gpu_results --dry-run`, a few seconds each): they check that every output file is
+written and every row is complete, never how fast anything is.
 """
 
 from __future__ import annotations
@@ -13,10 +14,17 @@ import pytest
 import torch
 from _assert import assert_close, assert_rel_norm
 from _cases import make_batch
+from _devices import TRITON
 
 import reference
+from bench import gpu_results
 from bench.baseline import baseline_loss_from_hidden, baseline_sspo_loss
 from bench.run import main
+
+CORE_METRICS = (
+    "clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "entropy_mean",
+    "approx_kl", "num_segments", "mean_segment_len",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("granularity", ["subsentence", "sentence", "sequence", "token"])
@@ -39,8 +47,10 @@ def test_baseline_matches_reference(granularity, seed):
     assert_close("logp", logp, expected.logprobs, atol=1e-5)
     assert_close("entropy", entropy, expected.entropy, atol=1e-5)
     assert_rel_norm("dlogits", grad, grad_ref, tol=1e-5)
-    for name, value in expected.metrics.items():
-        assert_close(name, metrics[name], value, atol=1e-5)
+    # the baseline reports the ten core metrics of docs/loss.md (not those of the off-policy corrections)
+    assert set(metrics) == set(CORE_METRICS)
+    for name, value in metrics.items():
+        assert_close(name, value, expected.metrics[name], atol=1e-5)
 
 
 def test_baseline_flat_and_from_hidden():
@@ -83,3 +93,49 @@ def test_runner_quick(tmp_path, capsys):
     except ImportError:
         return
     assert sorted(p.name[:5] for p in tmp_path.glob("*.png")) == ["vs_N_", "vs_V_"]
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" failures="1"
+skipped="2" tests="7" time="12.5"><testcase classname="tests.test_gpu" name="test_a" time="1"/>
+<testcase classname="tests.test_gpu" name="test_b" time="1"><failure message="boom"/></testcase>
+</testsuite></testsuites>"""
+
+
+@TRITON  # the fused segment step row runs interpreted: on a CUDA machine the real run covers it
+def test_gpu_results_dry_run(tmp_path, capsys):
+    """bench/gpu_suite.sh's benchmark, every section, on the CPU at tiny shapes (the loss rows with the
+    torch backend, the fused segment step interpreted, Liger's Triton loss skipped)."""
+    xml = tmp_path / "pytest_gpu.xml"
+    xml.write_text(JUNIT)
+    assert gpu_results.main(["--dry-run", "--out", str(tmp_path), "--pytest-xml", str(xml)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "table.txt").read_text().strip() in printed
+    assert results["dry_run"] and set(results["sections"]) == set(gpu_results.SECTIONS)
+    assert results["env"]["torch"] == torch.__version__ and results["env"]["git"]
+    assert results["copy"]["status"] == "ok" and results["copy"]["gbps"] > 0
+
+    rows = {r["name"]: r for section in ("headline", "linear", "step", "launches") for r in results[section]}
+    for name, row in rows.items():
+        assert row["status"] in ("ok", "skipped"), (name, row)
+    assert rows["liger triton_grpo_loss"]["status"] == "skipped"
+    for row in results["headline"][:3]:
+        assert row["status"] == "ok", row
+        for key in ("fwd", "fwdbwd"):
+            assert row[key]["ms"] > 0 and row[key]["gbps"] > 0 and row[key]["pct_copy"] > 0, (row["name"], key)
+        assert row["fwdbwd_graph"] is None  # CUDA only
+    default, fixed = results["linear"][:2]
+    assert (default["schedule"], fixed["schedule"]) == ("two-phase", "single-pass"), (default, fixed)
+    for row in (default, fixed):
+        assert row["weight_grad_path"] != "unknown" and row["fwdbwd"]["tflops"] > 0
+    step = results["step"][0]
+    for form in ("fused", "composed_triton_segsum", "composed_torch_segsum"):
+        assert step[form]["eager"]["ms"] > 0, (form, step[form])
+    for row in results["launches"]:
+        assert row["fwd_dispatch"] > 0 and row["bwd_dispatch"] > 0 and row["fwd_kernels"] == 0, row
+    assert results["pytest"] | {"failed_tests": None} == {
+        "tests": 7, "failures": 1, "errors": 0, "skipped": 2, "passed": 4, "seconds": 12.5, "failed_tests": None,
+    }  # fmt: skip
+    assert results["pytest"]["failed_tests"] == ["tests.test_gpu::test_b"]
+    for block in ("headline:", "fused linear:", "segment step alone", "launches per call", "pytest -m gpu: 4 passed"):
+        assert block in printed, block

@@ -1,5 +1,6 @@
 """`sspo_loss_from_logprobs` (the segment step on log-probs a framework computed) and on-policy calls
-(`old_logprobs=None`) of every entry point, against the float64 reference."""
+(`old_logprobs=None`) of every entry point, against the float64 reference; on the CPU, and a subset on
+CUDA (marked gpu: both layouts, every granularity and aggregation mode, both backends)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import pytest
 import torch
 from _assert import assert_close, assert_rel_norm
 from _cases import make_batch, pack
+from _devices import BACKENDS, TRITON, grid, on, on_dict
 
 import reference
 from sspo_kernels import METRIC_NAMES, SSPOLossFromLogprobs, sspo_loss, sspo_loss_from_hidden, sspo_loss_from_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BACKENDS = ["torch", "triton"]
 GRANULARITIES = ["token", "sequence", "subsentence", "segments"]
 AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "none"]
 CLIP = dict(eps_low=0.1, eps_high=0.15, entropy_gamma=1.0)
@@ -21,8 +22,9 @@ CLIP = dict(eps_low=0.1, eps_high=0.15, entropy_gamma=1.0)
 
 def _upstream(loss: torch.Tensor) -> torch.Tensor:
     if loss.dim() == 0:
-        return torch.tensor(1.7, dtype=loss.dtype)
-    return torch.randn(loss.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(loss.dtype)
+        return torch.tensor(1.7, dtype=loss.dtype, device=loss.device)
+    gen = torch.Generator().manual_seed(5)
+    return torch.randn(loss.shape, generator=gen, dtype=torch.float64).to(loss.device, loss.dtype)
 
 
 def _token_stats(logits: torch.Tensor, tokens: torch.Tensor):
@@ -41,11 +43,25 @@ def _compare_outputs(out, ref, *, tol: float = 1e-5) -> None:
         assert_close(f"metrics[{name}]", out.metrics[name], ref.metrics[name], atol=tol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", ["padded", "packed"])
-@pytest.mark.parametrize("granularity", GRANULARITIES)
-@pytest.mark.parametrize("mode", AGG_MODES)
-def test_matches_reference(backend, layout, granularity, mode):
+# Triton's fused step compiles once per (granularity, mode, layout) on CUDA: padded once; packed, each
+# granularity with one scalar mode (every mode once) and with the composed step (mode "none").
+TRITON_CUDA = {("padded", "subsentence", "token-mean"), ("packed", "token", "seq-mean-token-sum-norm"),
+               ("packed", "sequence", "seq-mean-token-mean"), ("packed", "segments", "token-mean"),
+               ("packed", "subsentence", "seq-mean-token-mean")}  # fmt: skip
+
+
+def _on_cuda(p) -> bool:
+    """torch (no compile): packed, every granularity at token-mean and every mode at subsentence."""
+    if p.backend == "torch":
+        return p.layout == "packed" and (p.granularity == "subsentence" or p.mode == "token-mean")
+    return (p.layout, p.granularity, p.mode) in TRITON_CUDA or (p.layout == "packed" and p.mode == "none")
+
+
+@grid(
+    ("backend", BACKENDS), ("layout", ["padded", "packed"]), ("granularity", GRANULARITIES), ("mode", AGG_MODES),
+    cuda=_on_cuda,
+)  # fmt: skip
+def test_matches_reference(device, backend, layout, granularity, mode):
     """Loss, outputs, metrics and the gradient reaching the logits through the caller's log-probs."""
     batch = make_batch(11, [6, 0, 4, 1, 7], vocab=23, hole_p=0.2)
     batch = pack(batch) if layout == "packed" else batch
@@ -55,23 +71,25 @@ def test_matches_reference(backend, layout, granularity, mode):
     (ref.loss * _upstream(ref.loss)).sum().backward()
 
     logits = batch.fresh_logits()
-    logp, entropy = _token_stats(logits.float(), batch.tokens)
-    _, tokens, old, adv, mask = args
+    _, tokens, old, adv, mask = on(device, *args)
+    logp, entropy = _token_stats(logits.float().to(device), tokens)
+    kwargs = on_dict(device, kwargs)
     out = sspo_loss_from_logprobs(logp, entropy, tokens, old.float(), adv.float(), mask, backend=backend, **kwargs)
     (out.loss * _upstream(out.loss).float()).sum().backward()
     _compare_outputs(out, ref)
     assert_rel_norm("dlogits", logits.grad, batch.logits.grad, tol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gradient_in_the_logprobs_dtype_and_entropy_bonus(dtype):
+@grid(("dtype", {"fp32": torch.float32, "bf16": torch.bfloat16}))
+def test_gradient_in_the_logprobs_dtype_and_entropy_bonus(device, dtype):
     """The gradient comes back in the log-probs' dtype; with the entropy bonus, a differentiable
-    entropy receives -coef * w_t."""
+    entropy receives -coef * w_t. (The default backend: torch on the CPU, Triton on CUDA.)"""
     batch = make_batch(4, [5, 3], vocab=11)
-    logp = batch.old_logprobs.to(dtype).clone().requires_grad_(True)
-    entropy = torch.rand(logp.shape, dtype=dtype, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    logp = batch.old_logprobs.to(device, dtype).clone().requires_grad_(True)
+    gen = torch.Generator().manual_seed(1)
+    entropy = torch.rand(logp.shape, dtype=dtype, generator=gen).to(device).requires_grad_(True)
     out = sspo_loss_from_logprobs(
-        logp, entropy, batch.tokens, batch.old_logprobs.float(), batch.advantages.float(), batch.mask,
+        logp, entropy, *on(device, batch.tokens, batch.old_logprobs.float(), batch.advantages.float(), batch.mask),
         granularity="token", entropy_coef=0.1,
     )  # fmt: skip
     out.loss.backward()
@@ -119,12 +137,23 @@ def test_bad_input(change, error, pattern):
 # ---------------------------------------------------------------- on-policy: old_logprobs=None
 
 
-@pytest.mark.parametrize("granularity", ["token", "sequence", "subsentence"])
-@pytest.mark.parametrize(
-    "entry", ["logits-torch", "logits-triton", "hidden-single-pass", "hidden-two-phase", "logprobs"]
+ENTRIES = [
+    "logits-torch",
+    pytest.param("logits-triton", marks=TRITON),
+    "hidden-single-pass",
+    "hidden-two-phase",
+    "logprobs",
+]
+
+
+@grid(
+    ("entry", ENTRIES),
+    ("granularity", ["token", "sequence", "subsentence"]),
+    cuda=lambda p: p.granularity == "subsentence",
 )
-def test_on_policy_is_old_logprobs_equal_to_the_current_ones(entry, granularity):
-    """old_logprobs=None: ratio 1 in value, the gradient A * dl (through the segment ratio)."""
+def test_on_policy_is_old_logprobs_equal_to_the_current_ones(device, entry, granularity):
+    """old_logprobs=None: ratio 1 in value, the gradient A * dl (through the segment ratio); the
+    entries without a backend take the default one (torch on the CPU, Triton on CUDA)."""
     batch = pack(make_batch(8, [5, 3, 6], vocab=17, hole_p=0.2))
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(batch.tokens.shape[0], 6, generator=gen, dtype=torch.float64)
@@ -135,16 +164,18 @@ def test_on_policy_is_old_logprobs_equal_to_the_current_ones(entry, granularity)
     ref.loss.backward()
     assert_close("ratio_mean", ref.metrics["ratio_mean"], torch.tensor(1.0), atol=1e-12)
 
-    h = hidden.float().requires_grad_(True)
-    z = (h @ weight.float().T).detach().requires_grad_(True)
-    adv, tokens, mask = batch.advantages.float(), batch.tokens, batch.mask
+    # the side tables (boundary, cu_seqlens) stay on the CPU: single-pass plans its chunks from cu_seqlens
+    h = hidden.float().to(device).requires_grad_(True)
+    w = weight.float().to(device)
+    z = (h @ w.T).detach().requires_grad_(True)
+    adv, tokens, mask = on(device, batch.advantages.float(), batch.tokens, batch.mask)
     if entry.startswith("logits"):
         out = sspo_loss(z, tokens, None, adv, mask, backend=entry.split("-")[1], **kw)
         out.loss.backward()
         grad, grad_ref = z.grad, z_ref.grad
     elif entry.startswith("hidden"):
         single = entry == "hidden-single-pass"
-        out = sspo_loss_from_hidden(h, weight.float(), tokens, None, adv, mask, single_pass=single, chunk_size=6, **kw)
+        out = sspo_loss_from_hidden(h, w, tokens, None, adv, mask, single_pass=single, chunk_size=6, **kw)
         out.loss.backward()
         grad, grad_ref = h.grad, z_ref.grad @ weight
     else:

@@ -4,6 +4,10 @@ The reference gets float64 copies of the same (rounded) hidden, weight and bias 
 through the fp64 matmul with autograd. For bf16 inputs it is fed the very bf16 logits the fused path
 computes (a bf16 `addmm` of a chunk of rows equals the same rows of the whole product, checked in
 `test_bf16_chunk_matmul_is_row_local`), so only the fused path's own rounding is measured.
+
+The comparisons also run on CUDA (marked gpu), with the Triton backend (`backend_for`): the inputs
+are built on the CPU and copied there, the side tables (boundary, cu_seqlens) stay on the CPU, as
+single-pass planning of a packed batch needs them there, and the reference runs on the CPU.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import pytest
 import torch
 from _assert import assert_close, assert_rel_norm
 from _cases import IGNORE, Batch, make_batch, pack
+from _devices import DEVICES, TRITON, grid, on, on_dict
 
 import reference
 from bench.memory import peak_extra_bytes
-from sspo_kernels import fused_linear
 from sspo_kernels._options import make_config
 from sspo_kernels.fused_linear import (
     SSPOLossFromHidden,
@@ -25,6 +29,7 @@ from sspo_kernels.fused_linear import (
     plan_chunks,
     sspo_loss_from_hidden,
 )
+from sspo_kernels.ops.linear import LinearGrads
 
 HIDDEN = 8
 VOCAB = 37
@@ -96,6 +101,11 @@ def make_case(
     return LinearCase(batch, hidden, weight, bias, old)
 
 
+def backend_for(device: str) -> str:
+    """The backend a comparison runs: the cheap torch one on the CPU, the Triton kernels compiled on CUDA."""
+    return "torch" if device == "cpu" else "triton"
+
+
 def _kwargs(case: LinearCase, granularity: str, options: dict) -> dict:
     kw = {"granularity": granularity, "ref_logprobs": case.batch.ref_logprobs, **options}
     if granularity in ("subsentence", "sentence"):
@@ -113,12 +123,13 @@ def _upstream(loss: torch.Tensor, seed: int = 7) -> torch.Tensor:
     return torch.randn(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(loss.dtype)
 
 
-def run_reference(case: LinearCase, granularity: str, options: dict):
+def run_reference(case: LinearCase, granularity: str, options: dict, device: str = "cpu"):
     """Loss, logprobs, entropy, metrics and (hidden, weight, bias) gradients in float64."""
     h, w, b = (t.detach().double().requires_grad_(True) for t in (case.hidden, case.weight, case.bias))
     logits = h @ w.T + b
-    if case.hidden.dtype != torch.float32:  # the same rounded logits the fused path sees
-        rounded = torch.addmm(case.bias, case.hidden.reshape(-1, HIDDEN), case.weight.T).reshape(logits.shape)
+    if case.hidden.dtype != torch.float32:  # the same rounded logits the fused path sees (on its device)
+        bias, hidden, weight = on(device, case.bias, case.hidden.reshape(-1, HIDDEN), case.weight)
+        rounded = torch.addmm(bias, hidden, weight.T).cpu().reshape(logits.shape)
         logits = logits + (rounded.double() - logits).detach()
     b_ = case.batch
     out = reference.sspo_loss(
@@ -129,20 +140,23 @@ def run_reference(case: LinearCase, granularity: str, options: dict):
     return out, (h.grad, w.grad, b.grad)
 
 
-def run_fused(case: LinearCase, granularity: str, options: dict, **fused_options):
-    h, w, b = (t.detach().clone().requires_grad_(True) for t in (case.hidden, case.weight, case.bias))
+def run_fused(case: LinearCase, granularity: str, options: dict, device: str = "cpu", **fused_options):
+    h, w, b = (t.detach().to(device, copy=True).requires_grad_(True) for t in (case.hidden, case.weight, case.bias))
     b_ = case.batch
+    kwargs = _kwargs(case, granularity, options)
+    # the per-token tensors on the device; the side tables (boundary, cu_seqlens) stay on the CPU
+    kwargs.update(on_dict(device, {k: v for k, v in kwargs.items() if k in ("ref_logprobs", "segment_ids")}))
     out = sspo_loss_from_hidden(
-        h, w, b_.tokens, case.old_logprobs, b_.advantages.float(), b_.mask, bias=b,
-        **_kwargs(case, granularity, options), **fused_options,
+        h, w, *on(device, b_.tokens, case.old_logprobs, b_.advantages.float(), b_.mask), bias=b,
+        **kwargs, **fused_options,
     )  # fmt: skip
-    (out.loss * _upstream(out.loss).to(out.loss.dtype)).sum().backward()
+    (out.loss * _upstream(out.loss).to(out.loss.device, out.loss.dtype)).sum().backward()
     return out, (h.grad, w.grad, b.grad)
 
 
-def compare(case: LinearCase, granularity: str, options: dict, **fused_options) -> None:
-    expected, expected_grads = run_reference(case, granularity, options)
-    actual, grads = run_fused(case, granularity, options, **fused_options)
+def compare(case: LinearCase, granularity: str, options: dict, device: str = "cpu", **fused_options) -> None:
+    expected, expected_grads = run_reference(case, granularity, options, device)
+    actual, grads = run_fused(case, granularity, options, device, **fused_options)
     if case.hidden.dtype == torch.float32:
         atol, rtol, grad_tol = FP32_ATOL, 0.0, FP32_GRAD
     else:
@@ -172,95 +186,105 @@ SCHEDULES = {"single-pass": True, "two-phase": False}
 # ---------------------------------------------------------------- against the reference
 
 
-@pytest.mark.parametrize("chunks", ["many-chunks", "one-chunk"])
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize("layout", ["padded", "packed"])
-@pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_matches_reference(granularity, layout, schedule, chunks):
+# on CUDA: every granularity and layout with several chunks, subsentence in one chunk too
+@grid(
+    ("granularity", GRANULARITIES), ("layout", ["padded", "packed"]), ("schedule", list(SCHEDULES)),
+    ("chunks", ["many-chunks", "one-chunk"]),
+    cuda=lambda p: p.chunks == "many-chunks" or p.granularity == "subsentence",
+)  # fmt: skip
+def test_matches_reference(device, granularity, layout, schedule, chunks):
     case = make_case(1, packed=layout == "packed")
     chunk = _chunk(case, granularity, chunks)
-    compare(case, granularity, SEGMENT_OPTIONS, backend="torch", chunk_size=chunk, single_pass=SCHEDULES[schedule])
+    compare(case, granularity, SEGMENT_OPTIONS, device, backend=backend_for(device), chunk_size=chunk,
+            single_pass=SCHEDULES[schedule])  # fmt: skip
 
 
-@pytest.mark.parametrize("chunk_size", [1, 2, 5, 7, 18], ids=lambda c: f"chunk{c}")
-def test_two_phase_chunk_edges(chunk_size):
+@grid(("chunk_size", {f"chunk{c}": c for c in (1, 2, 5, 7, 18)}))
+def test_two_phase_chunk_edges(device, chunk_size):
     """Chunk boundaries at every offset: inside segments, at their ends, at response ends (two-phase)."""
     case = make_case(2, packed=True)
-    compare(case, "subsentence", SEGMENT_OPTIONS, backend="torch", chunk_size=chunk_size, single_pass=False)
+    compare(case, "subsentence", SEGMENT_OPTIONS, device, backend=backend_for(device), chunk_size=chunk_size,
+            single_pass=False)  # fmt: skip
 
 
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize(
-    "mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "sum"]
-)
-def test_aggregation_modes(mode, schedule):
+@grid(
+    ("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "sum"]),
+    ("schedule", list(SCHEDULES)),
+)  # fmt: skip
+def test_aggregation_modes(device, mode, schedule):
     case = make_case(3, per_token_adv=True)
     options = {**SEGMENT_OPTIONS, "loss_agg_mode": mode}
-    compare(case, "subsentence", options, backend="torch", chunk_size=MANY["padded"], single_pass=SCHEDULES[schedule])
+    compare(case, "subsentence", options, device, backend=backend_for(device), chunk_size=MANY["padded"],
+            single_pass=SCHEDULES[schedule])  # fmt: skip
 
 
-def test_per_token_loss_two_phase():
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_token_loss_two_phase(device):
     """loss_agg_mode="none": a per-token upstream gradient, so only the two-phase schedule applies."""
     case = make_case(4, packed=True, per_token_adv=True)
     options = {**SEGMENT_OPTIONS, "loss_agg_mode": "none"}
-    compare(case, "sentence", options, backend="torch", chunk_size=5)
+    compare(case, "sentence", options, device, backend=backend_for(device), chunk_size=5)
     with pytest.raises(ValueError, match='loss_agg_mode="none"'):
-        run_fused(case, "sentence", options, backend="torch", single_pass=True)
+        run_fused(case, "sentence", options, device, backend=backend_for(device), single_pass=True)
 
 
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-def test_all_options(schedule):
+@grid(("schedule", list(SCHEDULES)))
+def test_all_options(device, schedule):
     """KL term, entropy bonus, dual clip, temperature, the token-form ratio gradient and a binding clamp."""
     case = make_case(5, per_token_adv=True)
     options = {
         **SEGMENT_OPTIONS, "beta": 0.1, "entropy_coef": 0.01, "dual_clip": 1.5, "temperature": 0.7,
         "ratio_grad": "token", "log_ratio_clamp": 0.15, "normalizer": 9.0, "k_min": 0.8, "k_max": 1.3,
     }  # fmt: skip
-    compare(case, "subsentence", options, backend="torch", chunk_size=MANY["padded"], single_pass=SCHEDULES[schedule])
+    compare(case, "subsentence", options, device, backend=backend_for(device), chunk_size=MANY["padded"],
+            single_pass=SCHEDULES[schedule])  # fmt: skip
 
 
-def test_batch_entropy_reference_runs_two_phase():
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_entropy_reference_runs_two_phase(device):
     """entropy_ref="batch" with adaptation on: the automatic choice is two-phase, and it is exact."""
     case = make_case(6, packed=True)
     options = {**SEGMENT_OPTIONS, "entropy_ref": "batch"}
-    compare(case, "subsentence", options, backend="torch", chunk_size=4)
+    compare(case, "subsentence", options, device, backend=backend_for(device), chunk_size=4)
 
 
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize("granularity", ["token", "subsentence"])
-def test_bf16(granularity, schedule):
+@grid(("granularity", ["token", "subsentence"]), ("schedule", list(SCHEDULES)))
+def test_bf16(device, granularity, schedule):
     case = make_case(7, dtype=torch.bfloat16)
     chunk = _chunk(case, granularity, "many-chunks")
-    compare(case, granularity, SEGMENT_OPTIONS, backend="torch", chunk_size=chunk, single_pass=SCHEDULES[schedule])
+    compare(case, granularity, SEGMENT_OPTIONS, device, backend=backend_for(device), chunk_size=chunk,
+            single_pass=SCHEDULES[schedule])  # fmt: skip
 
 
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize("granularity", ["token", "segments"])
-def test_triton_backend(granularity, schedule):
+@TRITON
+@grid(("granularity", ["token", "segments"]), ("schedule", list(SCHEDULES)))
+def test_triton_backend(device, granularity, schedule):
     """The Triton launchers (interpreted on the CPU): 19 packed tokens, V = 37, several chunks."""
     pytest.importorskip("triton")
     case = make_case(8, packed=True)
     chunk = _chunk(case, granularity, "many-chunks")
-    compare(case, granularity, SEGMENT_OPTIONS, backend="triton", chunk_size=chunk, single_pass=SCHEDULES[schedule])
+    compare(case, granularity, SEGMENT_OPTIONS, device, backend="triton", chunk_size=chunk,
+            single_pass=SCHEDULES[schedule])  # fmt: skip
 
 
-def test_bf16_chunk_matmul_is_row_local():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_chunk_matmul_is_row_local(device):
     """What the bf16 comparisons rely on: a chunk's bf16 logits equal the same rows of the whole product."""
     case = make_case(9, packed=True, dtype=torch.bfloat16)
-    h = case.hidden
-    full = torch.addmm(case.bias, h, case.weight.T)
+    h, weight, bias = on(device, case.hidden, case.weight, case.bias)
+    full = torch.addmm(bias, h, weight.T)
     for s in range(0, h.shape[0], 4):
-        assert torch.equal(torch.addmm(case.bias, h[s : s + 4], case.weight.T), full[s : s + 4])
+        assert torch.equal(torch.addmm(bias, h[s : s + 4], weight.T), full[s : s + 4])
 
 
 # ---------------------------------------------------------------- degenerate inputs and plumbing
 
 
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-def test_everything_masked_out(schedule):
+@grid(("schedule", list(SCHEDULES)))
+def test_everything_masked_out(device, schedule):
     case = make_case(10)
     case.batch.mask[:] = False
-    out, grads = run_fused(case, "subsentence", SEGMENT_OPTIONS, backend="torch", chunk_size=12,
+    out, grads = run_fused(case, "subsentence", SEGMENT_OPTIONS, device, backend=backend_for(device), chunk_size=12,
                            single_pass=SCHEDULES[schedule])  # fmt: skip
     assert out.loss.item() == 0.0
     assert not out.logprobs.any() and not out.entropy.any()
@@ -269,30 +293,30 @@ def test_everything_masked_out(schedule):
     assert out.metrics["num_segments"].item() == 0
 
 
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-def test_frozen_weight_no_bias_noncontiguous_hidden(schedule):
+@grid(("schedule", list(SCHEDULES)))
+def test_frozen_weight_no_bias_noncontiguous_hidden(device, schedule):
     """Only hidden needs a gradient; hidden is a transposed view; the inputs are left untouched."""
     case = make_case(11)
     case.bias = torch.zeros_like(case.bias)
     expected, (g_ref, _, _) = run_reference(case, "token", SEGMENT_OPTIONS)
-    hidden = case.hidden.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
+    hidden = case.hidden.to(device).transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
     assert not hidden.is_contiguous()
-    weight = case.weight.clone()
+    weight = case.weight.to(device, copy=True)
     b_ = case.batch
     out = sspo_loss_from_hidden(
-        hidden, weight, b_.tokens, case.old_logprobs, b_.advantages.float(), b_.mask, granularity="token",
-        backend="torch", chunk_size=3, single_pass=SCHEDULES[schedule], **SEGMENT_OPTIONS,
+        hidden, weight, *on(device, b_.tokens, case.old_logprobs, b_.advantages.float(), b_.mask), granularity="token",
+        backend=backend_for(device), chunk_size=3, single_pass=SCHEDULES[schedule], **SEGMENT_OPTIONS,
     )  # fmt: skip
     (out.loss * UPSTREAM).backward()
     assert_close("loss", out.loss, expected.loss, atol=FP32_ATOL)
     assert_rel_norm("grad hidden", hidden.grad, g_ref, tol=FP32_GRAD)
-    assert torch.equal(weight, case.weight) and torch.equal(hidden.detach(), case.hidden)
+    assert torch.equal(weight.cpu(), case.weight) and torch.equal(hidden.detach().cpu(), case.hidden)
 
 
 def test_no_gradient_work_without_grad_mode(monkeypatch):
     """Under torch.no_grad the single-pass schedule computes the statistics and the loss only."""
     calls = []
-    monkeypatch.setattr(fused_linear._Grads, "add_chunk", lambda *args: calls.append(args))
+    monkeypatch.setattr(LinearGrads, "add_chunk", lambda *args: calls.append(args))
     case = make_case(16)
     expected, _ = run_reference(case, "token", SEGMENT_OPTIONS)
     b_ = case.batch
@@ -403,8 +427,8 @@ def test_plan_forced_single_pass_says_why():
 
 
 def test_linear_chunk_tokens():
+    """The CPU rule (the GPU one, in the input dtype: test_gpu_ready.py)."""
     assert linear_chunk_tokens(32000) == (1 << 25) // (4 * 32000)
-    assert linear_chunk_tokens(151936, "cuda") == (1 << 28) // (4 * 151936)
     assert linear_chunk_tokens(1 << 30) == 1
 
 

@@ -3,7 +3,9 @@
 On the CPU the kernels run under the Triton interpreter (conftest), so shapes stay small; the heuristic
 picks a large BLOCK_V there, and the cases that pass an explicit `config` exercise the multi-block
 path (online max rescaling, masked tail) with GPU-sized blocks. Output buffers are NaN-poisoned, so
-an element a kernel forgets to write fails the comparison.
+an element a kernel forgets to write fails the comparison. Every comparison also runs compiled on
+CUDA (`device="cuda"`, marked gpu; one seed of the random forward cases); inputs are built on the CPU,
+the reference runs there, and the kernels get device copies.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import math
 import pytest
 import torch
 from _assert import assert_close, assert_rel_norm
+from _devices import DEVICES, TRITON, grid, on
 
 from reference import naive_logprob_entropy
 from sspo_kernels.ops.vocab.triton import logprob_entropy_bwd, logprob_entropy_fwd
 
+pytestmark = TRITON
 IGNORE = -100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS32 = torch.finfo(torch.float32).eps
@@ -92,8 +96,21 @@ def assert_grad_within_ulps(name, actual, logits, tokens, mask, g, e, tau, *, ul
     assert_close(f"{name} (in units of its bound)", actual.double() / bound, expected / bound, atol=1.0)
 
 
-def check_fwd(logits, tokens, mask, tau, **launch):
-    logp, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, tau, **launch)
+def fwd(device, logits, tokens, mask, tau, **launch):
+    """The forward launcher on device copies of the inputs; (logp, entropy, lse) back on the CPU."""
+    return tuple(t.cpu() for t in logprob_entropy_fwd(*on(device, logits, tokens, mask), tau, **launch))
+
+
+def bwd(device, logits, tokens, mask, lse, entropy, g, e, tau, **launch):
+    """The backward launcher on device copies of the inputs; the gradient back on the CPU."""
+    args = on(device, logits, tokens, mask, lse, entropy, g, e)
+    extra = dict(zip(launch, on(device, *launch.values())))
+    return logprob_entropy_bwd(*args, tau, **extra).cpu()
+
+
+def check_fwd(logits, tokens, mask, tau, device="cpu", **launch):
+    logp, entropy, lse = fwd(device, logits, tokens, mask, tau, **launch)
+    logits, tokens, mask = on("cpu", logits, tokens, mask)
     ref = reference_fwd(logits, tokens, mask, tau)
     tol = FWD_TOL[logits.dtype]
     assert_close("logp", logp, ref[0], **tol)
@@ -111,22 +128,22 @@ def check_fwd(logits, tokens, mask, tau, **launch):
 SHAPES = [(1, 1), (7, 17), (33, 1000), (7, 5003)]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("tau", [1.0, 0.7], ids=lambda t: f"tau{t}")
-@pytest.mark.parametrize("n,v", SHAPES, ids=[f"N{n}-V{v}" for n, v in SHAPES])
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_fwd_matches_reference(dtype, n, v, tau, seed):
+SHAPE_IDS = {f"N{n}-V{v}": (n, v) for n, v in SHAPES}
+TAUS = {"tau1.0": 1.0, "tau0.7": 0.7}
+
+
+@grid(("dtype", DTYPES), ("n,v", SHAPE_IDS), ("tau", TAUS), ("seed", [0, 1]), cuda=lambda p: p.seed == 0)
+def test_fwd_matches_reference(device, dtype, n, v, tau, seed):
     logits, tokens, mask = make_case(n, v, dtype, seed)
-    check_fwd(logits, tokens, mask, tau)
+    check_fwd(logits, tokens, mask, tau, device)
 
 
 BLOCKS = [(256, 1), (1024, 2)]
+BLOCK_IDS = {f"BLOCK_V{b}": (b, w) for b, w in BLOCKS}
 
 
-@pytest.mark.parametrize("scale", [3.0, 1e3], ids=["scale3", "scale1e3"])
-@pytest.mark.parametrize("config", BLOCKS, ids=[f"BLOCK_V{b}" for b, _ in BLOCKS])
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_fwd_multi_block(dtype, config, scale):
+@grid(("dtype", DTYPES), ("config", BLOCK_IDS), ("scale", {"scale3": 3.0, "scale1e3": 1e3}))
+def test_fwd_multi_block(device, dtype, config, scale):
     """V=5003 in several blocks and a masked tail; rows whose max rises block after block, and falls."""
     logits, tokens, mask = make_case(6, 5003, dtype, seed=7, scale=scale)
     ramp = torch.linspace(-scale, scale, 5003).to(dtype)
@@ -137,61 +154,64 @@ def test_fwd_multi_block(dtype, config, scale):
     if scale == 1e3:
         # with tau = 1, z = x is exact; l_t is checked to 1e-5 plus 4 eps32 of its own size (an fp32
         # number near -4000 is only good to 2.4e-4), H_t and the O(1) l_t to 1e-5
-        logp, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 1.0, config=config)
+        logp, entropy, lse = fwd(device, logits, tokens, mask, 1.0, config=config)
         ref = reference_fwd(logits, tokens, mask, 1.0)
         assert_close("logp", logp, ref[0], atol=1e-5, rtol=4 * EPS32)
         assert_close("entropy", entropy, ref[1], atol=1e-5)
         assert_close("lse", lse, ref[2], rtol=4 * EPS32)
     else:
-        check_fwd(logits, tokens, mask, 0.7, config=config)
+        check_fwd(logits, tokens, mask, 0.7, device, config=config)
 
 
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_fwd_large_magnitude_with_temperature(dtype):
+@grid(("dtype", DTYPES))
+def test_fwd_large_magnitude_with_temperature(device, dtype):
     """|z| ~ 1.4e3: l_t within a few fp32 ulps of |l_t| (z itself is rounded), H_t at the 1e-5 level."""
     logits, tokens, mask = make_case(7, 1000, dtype, seed=3, scale=1e3)
-    logp, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 0.7, config=(256, 1))
+    logp, entropy, lse = fwd(device, logits, tokens, mask, 0.7, config=(256, 1))
     ref = reference_fwd(logits, tokens, mask, 0.7)
     assert_close("logp", logp, ref[0], atol=1e-5, rtol=8 * EPS32)
     assert_close("entropy", entropy, ref[1], atol=1e-5)
     assert_close("lse", lse, ref[2], rtol=8 * EPS32)
 
 
-def test_fwd_vocab_152064():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fwd_vocab_152064(device):
     logits, tokens, mask = make_case(2, 152064, torch.bfloat16, seed=5, drop=0.0)
-    check_fwd(logits, tokens, mask, 0.7)
+    check_fwd(logits, tokens, mask, 0.7, device)
 
 
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_fwd_strided_3d_view(dtype):
+@grid(("dtype", DTYPES))
+def test_fwd_strided_3d_view(device, dtype):
     """A (B, T, V) slice of a bigger tensor is read in place through its row strides."""
     v = 1000
-    big = torch.randn(3, 8, v + 5, dtype=torch.float64).mul(3).to(dtype)
+    big = torch.randn(3, 8, v + 5, dtype=torch.float64).mul(3).to(device, dtype)
     logits = big[:, 1:-1, :v]
     assert not logits.is_contiguous()
     _, tokens, mask = make_case(18, v, dtype, seed=11)
-    check_fwd(logits, tokens.view(3, 6), mask.view(3, 6), 0.7)
+    check_fwd(logits, tokens.view(3, 6), mask.view(3, 6), 0.7, device)
 
 
-def test_fwd_nan_propagates_only_in_its_row():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fwd_nan_propagates_only_in_its_row(device):
     logits, tokens, mask = make_case(5, 300, torch.float32, seed=2, drop=0.0)
     mask[3] = False
     logits[1, 7] = float("nan")  # kept row: every output NaN
     logits[3, 7] = float("nan")  # masked-out row: outputs 0
-    logp, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 1.0, config=(128, 1))
+    logp, entropy, lse = fwd(device, logits, tokens, mask, 1.0, config=(128, 1))
     for name, out in (("logp", logp), ("entropy", entropy), ("lse", lse)):
         assert torch.isnan(out[1]), f"{name} hides a NaN logit"
         assert out[3] == 0
         assert torch.isfinite(out[[0, 2, 4]]).all()
 
 
-def test_fwd_neg_inf_logits():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fwd_neg_inf_logits(device):
     """-inf logits (a masked vocabulary) weigh nothing, even filling a whole first block."""
     logits, tokens, mask = make_case(4, 700, torch.float32, seed=4, drop=0.0)
     logits[0, :300] = float("-inf")
     logits[1, ::3] = float("-inf")
     tokens[:2] = torch.tensor([450, 1])
-    logp, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 0.7, config=(128, 1))
+    logp, entropy, lse = fwd(device, logits, tokens, mask, 0.7, config=(128, 1))
     finite = logits.double().masked_fill(torch.isinf(logits), -1e30)
     ref = reference_fwd(finite, tokens, mask, 0.7)
     assert_close("logp", logp, ref[0], atol=1e-5)
@@ -199,27 +219,30 @@ def test_fwd_neg_inf_logits():
     assert_close("lse", lse, ref[2], atol=1e-5)
 
 
-def test_fwd_out_of_range_target_gives_nan():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fwd_out_of_range_target_gives_nan(device):
     logits, tokens, mask = make_case(3, 50, torch.float32, seed=6, drop=0.0)
     tokens[1] = 50
     tokens[2] = 1 << 40
-    logp, entropy, _ = logprob_entropy_fwd(logits, tokens, mask, 1.0)
+    logp, entropy, _ = fwd(device, logits, tokens, mask, 1.0)
     assert torch.isnan(logp[1:]).all() and torch.isfinite(logp[0])
     assert torch.isfinite(entropy).all()
 
 
-def test_fwd_row_subset():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fwd_row_subset(device):
     logits, tokens, mask = make_case(7, 333, torch.float32, seed=8)
-    full = logprob_entropy_fwd(logits, tokens, mask, 0.7)
-    part = logprob_entropy_fwd(logits, tokens, mask, 0.7, row_start=2, num_rows=3)
+    full = fwd(device, logits, tokens, mask, 0.7)
+    part = fwd(device, logits, tokens, mask, 0.7, row_start=2, num_rows=3)
     for a, b in zip(full, part):
         assert torch.equal(a[2:5], b[2:5])
         assert torch.isnan(b[:2]).all() and torch.isnan(b[5:]).all()  # poisoned, never written
 
 
-def test_fwd_fp64_logits_computed_in_fp32():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fwd_fp64_logits_computed_in_fp32(device):
     logits, tokens, mask = make_case(5, 777, torch.float64, seed=9)
-    logp, entropy, _ = logprob_entropy_fwd(logits, tokens, mask, 0.7)
+    logp, entropy, _ = fwd(device, logits, tokens, mask, 0.7)
     ref = reference_fwd(logits, tokens, mask, 0.7)
     assert_close("logp", logp, ref[0], atol=1e-5)
     assert_close("entropy", entropy, ref[1], atol=1e-5)
@@ -245,21 +268,21 @@ def test_fwd_rejects_bad_arguments(change, message):
 # ---------------------------------------------------------------- backward
 
 
-def run_bwd(logits, tokens, mask, tau, g, e, **launch):
-    _, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, tau, config=launch.get("config"))
-    return logprob_entropy_bwd(logits, tokens, mask, lse, entropy, g, e, tau, **launch)
+def run_bwd(logits, tokens, mask, tau, g, e, device="cpu", **launch):
+    """Forward then backward on `device`; the gradient back on the CPU."""
+    _, entropy, lse = fwd(device, logits, tokens, mask, tau, config=launch.get("config"))
+    return bwd(device, logits, tokens, mask, lse, entropy, g, e, tau, **launch)
 
 
 BWD_SHAPES = [(1, 1), (7, 17), (33, 1000), (7, 5003)]
+BWD_SHAPE_IDS = {f"N{n}-V{v}": (n, v) for n, v in BWD_SHAPES}
 
 
-@pytest.mark.parametrize("tau", [1.0, 0.7], ids=lambda t: f"tau{t}")
-@pytest.mark.parametrize("n,v", BWD_SHAPES, ids=[f"N{n}-V{v}" for n, v in BWD_SHAPES])
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_bwd_matches_autograd(dtype, n, v, tau):
+@grid(("dtype", DTYPES), ("n,v", BWD_SHAPE_IDS), ("tau", TAUS))
+def test_bwd_matches_autograd(device, dtype, n, v, tau):
     logits, tokens, mask = make_case(n, v, dtype, seed=n + v)
     g, e = upstream(n, mask, seed=n)
-    grad = run_bwd(logits, tokens, mask, tau, g, e)
+    grad = run_bwd(logits, tokens, mask, tau, g, e, device)
     assert grad.dtype == dtype and grad.shape == logits.shape and grad.is_contiguous()
     assert (grad[~mask] == 0).all()
     if dtype == torch.float32:
@@ -269,23 +292,24 @@ def test_bwd_matches_autograd(dtype, n, v, tau):
         assert_grad_within_ulps("grad_logits", grad, logits, tokens, mask, g, e, tau)
 
 
-@pytest.mark.parametrize("with_logp", [False, True], ids=["lse-only", "with-logp"])
-@pytest.mark.parametrize("config", BLOCKS, ids=[f"BLOCK_V{b}" for b, _ in BLOCKS])
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_bwd_multi_block(dtype, config, with_logp):
+WITH_LOGP = {"lse-only": False, "with-logp": True}
+
+
+@grid(("dtype", DTYPES), ("config", BLOCK_IDS), ("with_logp", WITH_LOGP))
+def test_bwd_multi_block(device, dtype, config, with_logp):
     logits, tokens, mask = make_case(5, 5003, dtype, seed=12)
     g, e = upstream(5, mask, seed=12)
-    logp, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 0.7, config=config)
+    logp, entropy, lse = fwd(device, logits, tokens, mask, 0.7, config=config)
     extra = {"logp": logp} if with_logp else {}
-    grad = logprob_entropy_bwd(logits, tokens, mask, lse, entropy, g, e, 0.7, config=config, **extra)
+    grad = bwd(device, logits, tokens, mask, lse, entropy, g, e, 0.7, config=config, **extra)
     if dtype == torch.float32:
         assert_rel_norm("grad_logits", grad, reference_grad(logits, tokens, mask, g, e, 0.7), tol=GRAD_TOL_FP32)
     else:
         assert_grad_within_ulps("grad_logits", grad, logits, tokens, mask, g, e, 0.7)
 
 
-@pytest.mark.parametrize("with_logp", [False, True], ids=["lse-only", "with-logp"])
-def test_bwd_large_magnitude(with_logp):
+@grid(("with_logp", WITH_LOGP))
+def test_bwd_large_magnitude(device, with_logp):
     """|z| ~ 1e3 with likely targets (the top logit or the runner-up, as sampled tokens are). From lse
     alone, p carries the rounding of the fp32 lse (~ulp(1e3) = 6e-5), so the gradient is good to a few
     eps32 * max|z|; with the forward's logp, p is taken relative to the target and meets the contract's 1e-5."""
@@ -294,16 +318,16 @@ def test_bwd_large_magnitude(with_logp):
     tokens = torch.where(mask, top2[:, 0], tokens)
     tokens[0] = top2[0, 1]
     g, e = upstream(7, mask, seed=13)
-    logp, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 1.0, config=(256, 1))
+    logp, entropy, lse = fwd(device, logits, tokens, mask, 1.0, config=(256, 1))
     extra = {"logp": logp} if with_logp else {}
-    grad = logprob_entropy_bwd(logits, tokens, mask, lse, entropy, g, e, 1.0, config=(256, 1), **extra)
+    grad = bwd(device, logits, tokens, mask, lse, entropy, g, e, 1.0, config=(256, 1), **extra)
     expected = reference_grad(logits, tokens, mask, g, e, 1.0)
     tol = GRAD_TOL_FP32 if with_logp else 4 * EPS32 * logits.abs().max().item()
     assert_rel_norm("grad_logits", grad, expected, tol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_bwd_target_entry_when_p_near_one(dtype):
+@grid(("dtype", {"bf16": torch.bfloat16, "fp16": torch.float16}))
+def test_bwd_target_entry_when_p_near_one(device, dtype):
     """p_y = 0.999: the target entry g * (1 - p) = 1e-3 g is formed in fp32, not from a rounded p."""
     v, n = 1000, 3
     logits = torch.zeros(n, v, dtype=dtype)
@@ -312,7 +336,7 @@ def test_bwd_target_entry_when_p_near_one(dtype):
     mask = torch.ones(n, dtype=torch.bool)
     g = torch.tensor([1.0, -2.0, 0.5])
     e = torch.zeros(n)
-    grad = run_bwd(logits, tokens, mask, 1.0, g, e)
+    grad = run_bwd(logits, tokens, mask, 1.0, g, e, device)
     p_y = torch.softmax(logits.double(), -1)[torch.arange(n), tokens]
     assert ((p_y - 0.999).abs() < 2e-3).all()
     target = grad[torch.arange(n), tokens]
@@ -320,10 +344,11 @@ def test_bwd_target_entry_when_p_near_one(dtype):
     assert_grad_within_ulps("grad_logits", grad, logits, tokens, mask, g, e, 1.0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_bwd_inplace_matches_out_of_place(dtype):
+@grid(("dtype", DTYPES))
+def test_bwd_inplace_matches_out_of_place(device, dtype):
     logits, tokens, mask = make_case(9, 1000, dtype, seed=14)
     g, e = upstream(9, mask, seed=14)
+    logits, tokens, mask, g, e = on(device, logits, tokens, mask, g, e)
     before = logits.clone()
     _, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 0.7)
     out_of_place = logprob_entropy_bwd(logits, tokens, mask, lse, entropy, g, e, 0.7)
@@ -335,16 +360,16 @@ def test_bwd_inplace_matches_out_of_place(dtype):
     assert torch.equal(logits, out_of_place)
 
 
-@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
-def test_bwd_strided_3d_view(inplace):
+@grid(("inplace", {"out-of-place": False, "inplace": True}))
+def test_bwd_strided_3d_view(device, inplace):
     """(B, T, V) slice of a bigger buffer: read through its strides; in place, nothing outside the view
     is touched; out of place, a contiguous gradient."""
     v = 1000
-    big = torch.randn(3, 8, v + 5, dtype=torch.float64).mul(3).to(torch.bfloat16)
+    big = torch.randn(3, 8, v + 5, dtype=torch.float64).mul(3).to(device, torch.bfloat16)
     logits = big[:, 1:-1, :v]
     _, tokens, mask = make_case(18, v, torch.bfloat16, seed=15)
-    tokens, mask = tokens.view(3, 6), mask.view(3, 6)
-    g, e = upstream(18, mask.reshape(-1), seed=15)
+    g, e = upstream(18, mask, seed=15)
+    tokens, mask, g, e = on(device, tokens.view(3, 6), mask.view(3, 6), g, e)
     outside = big.clone()
     outside[:, 1:-1, :v] = 0
     reference_logits = logits.clone()
@@ -358,21 +383,24 @@ def test_bwd_strided_3d_view(inplace):
         assert torch.equal(rest, outside), "the in-place backward wrote outside the view"
     else:
         assert grad.is_contiguous() and torch.equal(logits, reference_logits)
-    assert_grad_within_ulps("grad_logits", grad, reference_logits, tokens, mask, g, e, 0.7)
+    cpu = on("cpu", reference_logits, tokens, mask, g, e)
+    assert_grad_within_ulps("grad_logits", grad.cpu(), *cpu, 0.7)
 
 
-def test_bwd_without_entropy_grad_equals_zero_entropy_grad():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bwd_without_entropy_grad_equals_zero_entropy_grad(device):
     logits, tokens, mask = make_case(7, 1000, torch.float32, seed=16)
     g, _ = upstream(7, mask, seed=16)
-    _, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 0.7)
-    without = logprob_entropy_bwd(logits, tokens, mask, lse, None, g, None, 0.7)
-    zeros = logprob_entropy_bwd(logits, tokens, mask, lse, entropy, g, torch.zeros(7), 0.7)
+    _, entropy, lse = fwd(device, logits, tokens, mask, 0.7)
+    without = bwd(device, logits, tokens, mask, lse, None, g, None, 0.7)
+    zeros = bwd(device, logits, tokens, mask, lse, entropy, g, torch.zeros(7), 0.7)
     assert torch.equal(without, zeros)
     expected = reference_grad(logits, tokens, mask, g, torch.zeros(7), 0.7)
     assert_rel_norm("grad_logits", without, expected, tol=GRAD_TOL_FP32)
 
 
-def test_bwd_nan_and_neg_inf_logits():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bwd_nan_and_neg_inf_logits(device):
     """A NaN logit in a kept row makes that row's gradient NaN; in a masked-out row, zeros.
     -inf logits get exactly zero gradient and leave the rest exact."""
     logits, tokens, mask = make_case(4, 700, torch.float32, seed=17, drop=0.0)
@@ -382,7 +410,7 @@ def test_bwd_nan_and_neg_inf_logits():
     logits[1, 9] = float("nan")
     logits[2, 9] = float("nan")
     g, e = upstream(4, mask, seed=17)
-    grad = run_bwd(logits, tokens, mask, 0.7, g, e, config=(128, 1))
+    grad = run_bwd(logits, tokens, mask, 0.7, g, e, device, config=(128, 1))
     assert torch.isnan(grad[1]).all()
     assert (grad[2] == 0).all()
     assert (grad[0, :300] == 0).all()
@@ -392,9 +420,11 @@ def test_bwd_nan_and_neg_inf_logits():
     assert_rel_norm("grad_logits", grad[keep], expected, tol=GRAD_TOL_FP32)
 
 
-def test_bwd_row_subset_inplace():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bwd_row_subset_inplace(device):
     logits, tokens, mask = make_case(6, 400, torch.float32, seed=18, drop=0.0)
     g, e = upstream(6, mask, seed=18)
+    logits, tokens, mask, g, e = on(device, logits, tokens, mask, g, e)
     _, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 1.0)
     full = logprob_entropy_bwd(logits, tokens, mask, lse, entropy, g, e, 1.0)
     before = logits.clone()
@@ -403,14 +433,16 @@ def test_bwd_row_subset_inplace():
     assert torch.equal(logits[4:], full[4:])
 
 
-def test_non_unit_last_stride_is_copied_and_refused_in_place():
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_unit_last_stride_is_copied_and_refused_in_place(device):
     base = torch.randn(300, 6, dtype=torch.float64).mul(3).float()
-    logits = base.t()  # (6, 300) with last stride 6
     _, tokens, mask = make_case(6, 300, torch.float32, seed=19)
     g, e = upstream(6, mask, seed=19)
-    check_fwd(logits, tokens, mask, 0.7)
-    grad = run_bwd(logits, tokens, mask, 0.7, g, e)
-    assert_rel_norm("grad_logits", grad, reference_grad(logits, tokens, mask, g, e, 0.7), tol=GRAD_TOL_FP32)
-    _, entropy, lse = logprob_entropy_fwd(logits, tokens, mask, 0.7)
+    cpu_logits = base.t()  # (6, 300) with last stride 6
+    logits = base.to(device).t()
+    check_fwd(logits, tokens, mask, 0.7, device)
+    grad = run_bwd(logits, tokens, mask, 0.7, g, e, device)
+    assert_rel_norm("grad_logits", grad, reference_grad(cpu_logits, tokens, mask, g, e, 0.7), tol=GRAD_TOL_FP32)
+    _, entropy, lse = logprob_entropy_fwd(*on(device, logits, tokens, mask), 0.7)
     with pytest.raises(ValueError, match="inplace"):
-        logprob_entropy_bwd(logits, tokens, mask, lse, entropy, g, e, 0.7, inplace=True)
+        logprob_entropy_bwd(*on(device, logits, tokens, mask), lse, entropy, *on(device, g, e), 0.7, inplace=True)

@@ -1,7 +1,9 @@
 """`sspo_loss` (both backends) against the float64 reference: loss, per-token outputs, metrics, gradients.
 
 The Triton backend runs under the interpreter on the CPU (conftest sets TRITON_INTERPRET=1), so its
-cases use small shapes; the torch backend is cheap and gets more random cases.
+cases use small shapes; the torch backend is cheap and gets more random cases. Every comparison runs
+on the CPU, and a subset covering each dtype, layout, granularity, aggregation mode and option set
+also on CUDA (`_devices.grid`, marked gpu). The GPU-only checks are in test_gpu.py.
 """
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ import pytest
 import torch
 from _assert import assert_close, assert_rel_norm
 from _cases import Batch, make_batch, pack
+from _devices import BACKENDS, DEVICES, TRITON, grid, on, on_dict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference
 from sspo_kernels import METRIC_NAMES, SSPOLoss, sspo_loss
 
-BACKENDS = ["torch", "triton"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRANULARITIES = ["subsentence", "sentence", "sequence", "token", "segments"]
 AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "sum", "none"]
@@ -26,10 +28,6 @@ CLIP = dict(eps_low=0.2, eps_high=0.25)
 
 def _ulp(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
-
-
-def _to(x, device: str):
-    return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
 def compare(
@@ -54,8 +52,8 @@ def compare(
 
     leaf = rounded.to(device).requires_grad_(True)
     logits = leaf * 1 if inplace else leaf  # in place needs a non-leaf buffer to overwrite
-    rest = [_to(a, device) for a in args[1:]]
-    kwargs = {k: _to(v, device) for k, v in kwargs.items()}
+    rest = list(on(device, *args[1:]))
+    kwargs = on_dict(device, kwargs)
     inputs_before = [a.clone() for a in rest] + [logits.detach().clone()]
     out = sspo_loss(logits, *rest, backend=backend, inplace_backward=inplace, **kwargs)
     for before, after in zip(inputs_before, [*rest, logits.detach()]):
@@ -65,7 +63,7 @@ def compare(
     gen = torch.Generator().manual_seed(7)
     upstream = torch.randn(ref.loss.shape, generator=gen, dtype=torch.float64) if ref.loss.dim() else 1.7
     (ref.loss * upstream).sum().backward()
-    up = upstream.float() if isinstance(upstream, torch.Tensor) else upstream
+    up = upstream.float().to(device) if isinstance(upstream, torch.Tensor) else upstream
     (out.loss * up).sum().backward()
 
     low = dtype != torch.float32
@@ -92,21 +90,27 @@ def compare(
     return out
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("granularity", GRANULARITIES)
-@pytest.mark.parametrize("mode", AGG_MODES)
-def test_every_granularity_and_aggregation(backend, granularity, mode):
+# Each (granularity, scalar mode) pair is a compile of the fused step on CUDA: Triton takes every
+# granularity and every mode once, paired along the diagonal; the torch backend compiles nothing and
+# takes every granularity at token-mean and every mode at subsentence.
+DIAGONAL = {*zip(GRANULARITIES, AGG_MODES[:5]), ("subsentence", "none")}
+
+
+@grid(
+    ("backend", BACKENDS), ("granularity", GRANULARITIES), ("mode", AGG_MODES),
+    cuda=lambda p: (p.granularity, p.mode) in DIAGONAL if p.backend == "triton"
+    else p.granularity == "subsentence" or p.mode == "token-mean",
+)  # fmt: skip
+def test_every_granularity_and_aggregation(device, backend, granularity, mode):
     batch = make_batch(3, [5, 0, 9, 1], seq_len=10, vocab=37, hole_p=0.2)
-    compare(batch, granularity, backend=backend, loss_agg_mode=mode, entropy_gamma=1.0, **CLIP)
+    compare(batch, granularity, backend=backend, loss_agg_mode=mode, entropy_gamma=1.0, device=device, **CLIP)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("seed", [0, 1])
-def test_dtypes_padded_and_packed(backend, dtype, seed):
+@grid(("backend", BACKENDS), ("dtype", DTYPES), ("seed", [0, 1]), cuda=lambda p: p.seed == 0)
+def test_dtypes_padded_and_packed(device, backend, dtype, seed):
     batch = make_batch(seed, [7, 3, 11], seq_len=12, vocab=53, hole_p=0.15, logit_scale=3.0)
-    compare(batch, "subsentence", backend=backend, dtype=dtype, **CLIP)
-    compare(pack(batch), "subsentence", backend=backend, dtype=dtype, **CLIP)
+    compare(batch, "subsentence", backend=backend, dtype=dtype, device=device, **CLIP)
+    compare(pack(batch), "subsentence", backend=backend, dtype=dtype, device=device, **CLIP)
 
 
 OPTION_SETS = {
@@ -122,12 +126,16 @@ OPTION_SETS = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
-@pytest.mark.parametrize("per_token_adv", [False, True], ids=["adv-per-response", "adv-per-token"])
-def test_options(backend, options, per_token_adv):
+ADV_LAYOUTS = {"adv-per-response": False, "adv-per-token": True}
+
+
+# on CUDA: every option set with per-response advantages (per-token ones: test_gpu.py's fused-step cases)
+@grid(
+    ("backend", BACKENDS), ("options", OPTION_SETS), ("per_token_adv", ADV_LAYOUTS), cuda=lambda p: not p.per_token_adv
+)
+def test_options(device, backend, options, per_token_adv):
     batch = make_batch(11, [6, 9, 4], seq_len=9, vocab=29, hole_p=0.2, per_token_adv=per_token_adv)
-    compare(batch, "subsentence", backend=backend, **{**CLIP, **options})
+    compare(batch, "subsentence", backend=backend, device=device, **{**CLIP, **options})
 
 
 @settings(max_examples=40, deadline=None)
@@ -155,35 +163,34 @@ def test_torch_backend_on_random_batches(
     compare(batch, granularity, backend="torch", dtype=dtype, **options)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_inplace_backward(backend, dtype):
+@grid(("backend", BACKENDS), ("dtype", DTYPES))
+def test_inplace_backward(device, backend, dtype):
     batch = make_batch(5, [8, 6], seq_len=8, vocab=41, hole_p=0.2)
-    compare(batch, "subsentence", backend=backend, dtype=dtype, inplace=True, **CLIP)
+    compare(batch, "subsentence", backend=backend, dtype=dtype, inplace=True, device=device, **CLIP)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_inplace_backward_overwrites_the_logits_buffer(backend):
+@grid(("backend", BACKENDS))
+def test_inplace_backward_overwrites_the_logits_buffer(device, backend):
     batch = make_batch(6, [5, 7], vocab=23)
     args, kwargs = batch.inputs("sequence")
-    buf = batch.logits.detach().float().clone().requires_grad_(True)
+    buf = batch.logits.detach().float().to(device).requires_grad_(True)
     logits = buf * 1
     ptr = logits.data_ptr()
-    out = sspo_loss(logits, *args[1:], backend=backend, inplace_backward=True, **kwargs)
+    out = sspo_loss(logits, *on(device, *args[1:]), backend=backend, inplace_backward=True, **on_dict(device, kwargs))
     out.loss.backward()
     assert logits.data_ptr() == ptr
     assert_close("dlogits written in place", logits.detach(), buf.grad, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_strided_view_of_a_bigger_tensor(backend, dtype):
+@grid(("backend", BACKENDS), ("dtype", DTYPES))
+def test_strided_view_of_a_bigger_tensor(device, backend, dtype):
     """A (B, T, V) slice of a bigger buffer is read through its strides and equals its contiguous copy."""
     batch = make_batch(8, [6, 4, 7], seq_len=7, vocab=31)
     args, kwargs = batch.inputs("subsentence")
+    args, kwargs = on(device, *args), on_dict(device, kwargs)
     big = torch.randn(3, 9, 40, dtype=torch.float64)
     big[:, 1:-1, :31] = batch.logits.detach()
-    big = big.to(dtype).requires_grad_(True)
+    big = big.to(device, dtype).requires_grad_(True)
     view = big[:, 1:-1, :31]
     assert not view.is_contiguous() and view.stride(-1) == 1
     contiguous = view.detach().clone().requires_grad_(True)
@@ -206,38 +213,40 @@ DEGENERATE = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", DEGENERATE.values(), ids=DEGENERATE.keys())
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "none"])
-def test_degenerate_batches_are_finite(backend, case, mode):
+# on CUDA: every case and mode in Triton, every case at token-mean in torch
+@grid(
+    ("backend", BACKENDS), ("case", DEGENERATE), ("mode", ["token-mean", "seq-mean-token-mean", "none"]),
+    cuda=lambda p: p.backend == "triton" or p.mode == "token-mean",
+)  # fmt: skip
+def test_degenerate_batches_are_finite(device, backend, case, mode):
     batch = make_batch(9, case["lengths"], seq_len=8, vocab=19)
-    out = compare(batch, "subsentence", backend=backend, loss_agg_mode=mode, **CLIP)
+    out = compare(batch, "subsentence", backend=backend, loss_agg_mode=mode, device=device, **CLIP)
     assert torch.isfinite(out.loss).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_boundary_after_every_token_is_token_granularity(backend):
+@grid(("backend", BACKENDS), cuda=False)  # the kernels' variants here compile for this test alone
+def test_boundary_after_every_token_is_token_granularity(device, backend):
     batch = make_batch(4, [6, 9], vocab=17)
     batch.boundary = torch.ones_like(batch.boundary)
-    sub = compare(batch, "subsentence", backend=backend, entropy_gamma=0.0, **CLIP)
-    tok = compare(batch, "token", backend=backend, entropy_gamma=0.0, **CLIP)
+    sub = compare(batch, "subsentence", backend=backend, entropy_gamma=0.0, device=device, **CLIP)
+    tok = compare(batch, "token", backend=backend, entropy_gamma=0.0, device=device, **CLIP)
     assert_close("loss", sub.loss, tok.loss, atol=0)
     assert int(sub.metrics["num_segments"]) == int(batch.mask.sum())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_logits_propagate(backend):
+@grid(("backend", BACKENDS))
+def test_nan_logits_propagate(device, backend):
     batch = make_batch(2, [5, 5], vocab=13)
     logits = batch.logits.detach().float().clone()
     row = int(torch.nonzero(batch.mask.reshape(-1))[0])
     logits.reshape(-1, 13)[row, 3] = float("nan")
     args, kwargs = batch.inputs("subsentence", logits=logits)
-    out = sspo_loss(*args, backend=backend, **kwargs, **CLIP)
+    out = sspo_loss(*on(device, *args), backend=backend, **on_dict(device, kwargs), **CLIP)
     assert torch.isnan(out.loss) and torch.isnan(out.logprobs.reshape(-1)[row])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_large_magnitude_logits(backend):
+@grid(("backend", BACKENDS))
+def test_large_magnitude_logits(device, backend):
     batch = make_batch(12, [9, 7], vocab=61, logit_scale=1e3, log_ratio_scale=0.01)
     # sampled tokens are the likely ones: l_t near 0 keeps the contract's absolute tolerance meaningful in fp32
     # (an fp32 log-prob of -2000 has an ulp of 2.4e-4)
@@ -245,7 +254,7 @@ def test_large_magnitude_logits(backend):
     batch.tokens = torch.where(batch.tokens >= 0, top2[..., 0], batch.tokens)
     batch.tokens[0, 1] = top2[0, 1, 1]  # one runner-up token, a few units of log-prob below the top
     batch.old_logprobs = reference.naive_logprob_entropy(batch.logits.detach(), batch.tokens)[0] - 0.01
-    compare(batch, "sequence", backend=backend, eps_low=0.005, eps_high=0.005)
+    compare(batch, "sequence", backend=backend, eps_low=0.005, eps_high=0.005, device=device)
 
 
 def test_module_form_matches_function():
@@ -272,58 +281,6 @@ def test_bad_backend_and_flags():
         sspo_loss(*args, chunk_size=0, **kwargs)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_gpu_matches_reference_and_is_deterministic(granularity):
-    batch = make_batch(21, [37, 120, 0, 64], seq_len=128, vocab=5003, hole_p=0.1)
-    for dtype in DTYPES.values():
-        compare(batch, granularity, backend="triton", dtype=dtype, device="cuda", **CLIP)
-        compare(batch, granularity, backend="triton", dtype=dtype, device="cuda", inplace=True, **CLIP)
-    args, kwargs = batch.inputs(granularity)
-    runs = []
-    for _ in range(2):
-        logits = batch.logits.detach().to("cuda", torch.bfloat16).requires_grad_(True)
-        moved = [a.cuda() for a in args[1:]]
-        kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-        o = sspo_loss(logits, *moved, **kw, **CLIP)
-        o.loss.backward()
-        runs.append((o.loss.detach(), logits.grad, o.logprobs, o.metrics["clip_frac"]))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b), "two identical runs differ"
-
-
-@pytest.mark.gpu
-def test_gpu_cuda_graph_capture():
-    batch = make_batch(22, [50, 80, 10], seq_len=96, vocab=3001)
-    args, kwargs = batch.inputs("subsentence")
-    moved = [a.cuda() for a in args[1:]]
-    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-    logits = batch.logits.detach().to("cuda", torch.bfloat16).requires_grad_(True)
-
-    def step():
-        logits.grad = None
-        out = sspo_loss(logits, *moved, **kw, **CLIP)
-        out.loss.backward()
-        return out.loss.detach()
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            eager = step()
-    torch.cuda.current_stream().wait_stream(stream)
-    eager_grad = logits.grad.clone()
-    graph = torch.cuda.CUDAGraph()
-    logits.grad = None
-    with torch.cuda.graph(graph):
-        captured = sspo_loss(logits, *moved, **kw, **CLIP).loss
-        captured.backward()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, eager)
-    assert torch.equal(logits.grad, eager_grad)
-
-
 @pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager():
     """The whole loss traces into one graph (no host sync, no data-dependent shape); ~30 s of compile."""
@@ -345,32 +302,8 @@ def test_torch_compile_fullgraph_matches_eager():
     assert_rel_norm("dlogits", compiled_logits.grad, eager_logits.grad, tol=1e-6)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("granularity", ["token", "subsentence"])
-def test_gpu_torch_compile_fullgraph_triton(granularity):
-    """The Triton backend, fused segment step included, traces into one graph and matches eager."""
-    batch = make_batch(23, [50, 80, 10], seq_len=96, vocab=3001)
-    args, kwargs = batch.inputs(granularity)
-    moved = [a.cuda() for a in args[1:]]
-    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-
-    def loss_and_metric(logits, *rest):
-        out = sspo_loss(logits, *rest, backend="triton", **kw, **CLIP)
-        return out.loss, out.metrics["clip_frac"]
-
-    eager_logits = batch.logits.detach().to("cuda", torch.float32).requires_grad_(True)
-    compiled_logits = eager_logits.detach().clone().requires_grad_(True)
-    eager = loss_and_metric(eager_logits, *moved)
-    eager[0].backward()
-    compiled = torch.compile(loss_and_metric, fullgraph=True)(compiled_logits, *moved)
-    compiled[0].backward()
-    assert_close("loss", compiled[0], eager[0], atol=1e-6)
-    assert_close("clip_frac", compiled[1], eager[1], atol=0)
-    assert_rel_norm("dlogits", compiled_logits.grad, eager_logits.grad, tol=1e-6)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_minus_inf_logits_are_zero_probability(backend):
+@grid(("backend", BACKENDS))
+def test_minus_inf_logits_are_zero_probability(device, backend):
     """A vocabulary entry masked to -inf by the caller has p = 0 exactly: finite loss, entropy, gradient."""
     batch = make_batch(13, [6, 5], vocab=23, hole_p=0.2)
     banned = torch.tensor([2, 9, 22])
@@ -378,7 +311,7 @@ def test_minus_inf_logits_are_zero_probability(backend):
     logits = batch.logits.detach().clone()
     logits[..., banned] = float("-inf")
     batch.logits = logits
-    out = compare(batch, "subsentence", backend=backend, entropy_coef=0.01, **CLIP)
+    out = compare(batch, "subsentence", backend=backend, entropy_coef=0.01, device=device, **CLIP)
     assert torch.isfinite(out.loss) and torch.isfinite(out.entropy).all()
 
 
@@ -401,27 +334,36 @@ def test_torch_backend_chunk_sizes(chunk_size):
 # block walks and response numbering must get right.
 
 
-@pytest.mark.parametrize(
-    "lengths",
-    [[700, 0, 650, 1], [1030], [0, 0, 3, 0, 1]],
-    ids=["several-blocks-empty-responses", "one-response-past-a-block", "more-responses-than-tokens"],
-)
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_fused_step_shapes(lengths, mode):
+STEP_SHAPES = {
+    "several-blocks-empty-responses": [700, 0, 650, 1],
+    "one-response-past-a-block": [1030],
+    "more-responses-than-tokens": [0, 0, 3, 0, 1],
+}
+
+
+@TRITON
+@grid(
+    ("lengths", STEP_SHAPES), ("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]),
+    cuda=lambda p: p.mode == "token-mean" or p.lengths is STEP_SHAPES["several-blocks-empty-responses"],
+)  # fmt: skip
+def test_fused_step_shapes(device, lengths, mode):
     batch = pack(make_batch(31, lengths, vocab=11, hole_p=0.2))
     options = dict(loss_agg_mode=mode, norm_len=16) if mode.endswith("norm") else dict(loss_agg_mode=mode)
-    compare(batch, "subsentence", backend="triton", entropy_gamma=1.0, **options, **CLIP)
+    compare(batch, "subsentence", backend="triton", entropy_gamma=1.0, device=device, **options, **CLIP)
 
 
-def test_fused_step_packed_advantages_shaped_like_tokens_when_n_equals_b():
+@TRITON
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_step_packed_advantages_shaped_like_tokens_when_n_equals_b(device):
     """A packed batch with as many tokens as responses: advantages shaped like tokens are per token."""
     batch = make_batch(32, [1, 0, 2, 1, 0, 2], vocab=9)
     batch = pack(batch)
     batch.advantages = torch.randn(batch.tokens.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     assert batch.advantages.shape[0] == len(batch.lengths)
-    compare(batch, "sequence", backend="triton", loss_agg_mode="seq-mean-token-mean", **CLIP)
+    compare(batch, "sequence", backend="triton", loss_agg_mode="seq-mean-token-mean", device=device, **CLIP)
 
 
+# CPU only: on CUDA the check is a device-side assert, which leaves the CUDA context unusable
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_out_of_range_token_is_an_error(backend):
     batch = make_batch(33, [4, 3], vocab=7)
@@ -432,6 +374,7 @@ def test_out_of_range_token_is_an_error(backend):
         sspo_loss(batch.logits.detach().float(), tokens, *args[2:], backend=backend, **kwargs)
 
 
+@TRITON
 def test_fused_step_is_deterministic():
     batch = make_batch(34, [9, 12, 5], vocab=13, hole_p=0.2)
     args, kwargs = batch.inputs("subsentence")

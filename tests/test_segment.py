@@ -1,4 +1,8 @@
-"""Segment ids on the device against the reference's token walk; the segmented sum's two implementations."""
+"""Segment ids on the device against the reference's token walk; the segmented sum's two implementations.
+
+Both also run on CUDA (marked gpu). The fused segment step against the composed one on large packed
+batches is in test_gpu.py.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import pytest
 import torch
 from _assert import assert_close
 from _cases import make_batch, pack
+from _devices import TRITON, grid, on
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,17 +34,19 @@ def reference_ids(batch, granularity):
     return reference.naive_segment_ids(flat, granularity)
 
 
-def device_ids(batch, granularity):
+def device_ids(batch, granularity, device="cpu"):
     extra = {}
     if granularity in ("subsentence", "sentence"):
         extra["boundary"] = batch.boundary
     if granularity == "segments":
-        extra["segment_ids"] = batch.segment_ids
-    ids = segment_ids(batch.tokens, batch.mask, granularity=granularity, cu_seqlens=batch.cu_seqlens, **extra)
-    assert ids.dtype == torch.int32 and ids.shape == batch.tokens.shape
-    return ids.reshape(-1).long()
+        extra["segment_ids"] = batch.segment_ids.to(device)
+    tokens, mask = on(device, batch.tokens, batch.mask)
+    ids = segment_ids(tokens, mask, granularity=granularity, cu_seqlens=batch.cu_seqlens, **extra)
+    assert ids.dtype == torch.int32 and ids.shape == batch.tokens.shape and ids.device == tokens.device
+    return ids.reshape(-1).long().cpu()
 
 
+@grid()
 @settings(max_examples=60, deadline=None)
 @given(
     lengths=st.lists(st.integers(0, 12), min_size=1, max_size=5),
@@ -49,12 +56,12 @@ def device_ids(batch, granularity):
     packed=st.booleans(),
     granularity=st.sampled_from(GRANULARITIES),
 )
-def test_segment_ids_match_the_reference_walk(lengths, hole_p, boundary_p, seed, packed, granularity):
+def test_segment_ids_match_the_reference_walk(device, lengths, hole_p, boundary_p, seed, packed, granularity):
     batch = make_batch(seed, lengths, vocab=9, hole_p=hole_p, boundary_p=boundary_p)
     if packed:
         batch = pack(batch)
     expected = reference_ids(batch, granularity)
-    assert torch.equal(device_ids(batch, granularity), expected)
+    assert torch.equal(device_ids(batch, granularity, device), expected)
 
 
 def test_masked_out_tokens_do_not_break_a_segment():
@@ -91,9 +98,9 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
-@pytest.mark.parametrize("k", [1, 3])
-def test_segment_sum_triton_matches_index_add(layout, k):
+@TRITON
+@grid(("k", [1, 3]), ("layout", LAYOUTS))
+def test_segment_sum_triton_matches_index_add(device, layout, k):
     seg = torch.tensor(layout, dtype=torch.int64)
     values = torch.randn(seg.shape[0], k, generator=torch.Generator().manual_seed(len(layout)))
     values[seg < 0] = float("nan")  # masked-out rows must never be read
@@ -102,7 +109,7 @@ def test_segment_sum_triton_matches_index_add(layout, k):
         if s >= 0:
             expected[s] += values[t].double()
     for impl in (segment_torch, segment_triton):
-        got = impl.segment_sum(values, seg)
+        got = impl.segment_sum(*on(device, values, seg))
         assert_close(f"{impl.__name__}.segment_sum", got, expected, atol=1e-5)
 
 
