@@ -241,7 +241,30 @@ def _linear_rows(device: torch.device, sizes: dict, log) -> list[dict]:
     rows.append(
         run_row("liger LigerFusedLinearGRPOLoss", lambda: _liger_linear(inp, device, sizes, flops), device, log)
     )
+    rows.append(run_row("token_logprobs_from_hidden", lambda: _logprobs_head(inp, device, sizes, flops), device, log))
     return rows
+
+
+def _logprobs_head(inp, device: torch.device, sizes: dict, flops: int) -> dict:
+    """The public log-prob + entropy head (the old / reference passes and verl's fused forward): no-grad
+    forward (2NHV) and forward + backward with an upstream gradient on both outputs (6NHV + recompute)."""
+    from sspo_kernels import token_logprobs_from_hidden
+
+    tokens = torch.where(inp.mask, inp.tokens, -100)
+
+    def no_grad():
+        with torch.no_grad():
+            return token_logprobs_from_hidden(inp.hidden, inp.weight, tokens)
+
+    def fwdbwd():
+        logp, entropy = token_logprobs_from_hidden(inp.hidden, inp.weight, tokens)
+        return torch.autograd.grad((logp.sum() + 0.01 * entropy.sum()), [inp.hidden, inp.weight])
+
+    out: dict = {"options": "entropy=True, -100 at masked-out tokens"}
+    out["fwd"] = time_ms(no_grad, device, sizes["slow_reps"], warmup=sizes["warmup"])
+    out["fwdbwd"] = time_ms(fwdbwd, device, sizes["slow_reps"], warmup=sizes["warmup"])
+    _tflops(out, flops)
+    return out
 
 
 def _weight_grad_path(device: torch.device, dtype: torch.dtype) -> str:

@@ -39,6 +39,8 @@ OPTION_SETS: dict[str, tuple[str, dict, bool]] = {
     "fixed-entropy-ref": ("subsentence", dict(entropy_ref=1.5), False),
     "on-policy": ("subsentence", dict(old_logprobs=None), False),
     "per-token-loss (none)": ("subsentence", dict(loss_agg_mode="none"), False),
+    # every off-policy correction with another objective (tensors made for the batch in `count_rows`)
+    "cispo + every correction": ("subsentence", dict(objective="cispo", with_corrections=True), False),
 }
 
 
@@ -151,6 +153,13 @@ def count_rows(device: str, backends: tuple[str, ...], **size: int) -> list[dict
         options = dict(options)
         if "old_logprobs" in options:
             args[2] = options.pop("old_logprobs")
+        if options.pop("with_corrections", False):
+            gen = torch.Generator().manual_seed(1)
+            options.update(
+                policy_weights=torch.rand(args[1].shape, generator=gen).to(device), off_policy_mask=0.01,
+                rollout_logprobs=args[2] + 0.1 * torch.randn(args[1].shape, generator=gen).to(device),
+                entropy_mask_quantile=0.5, beta=0.1, kl_ratio_weight=True,
+            )  # fmt: skip
         for backend in backends:
             call = dict(granularity=granularity, backend=backend, **kwargs, **options)
             count_call(sspo_loss, *args, **call)  # warm: first calls may compile or cache
@@ -164,12 +173,12 @@ def count_rows(device: str, backends: tuple[str, ...], **size: int) -> list[dict
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = f"{'options':<24} {'backend':<8} {'fwd ops+launches':>18} {'bwd ops+launches':>18}"
+    head = f"{'options':<26} {'backend':<8} {'fwd ops+launches':>18} {'bwd ops+launches':>18}"
     lines = [head]
     for r in rows:
         fwd = f"{r['fwd_ops']}+{r['fwd_launches']}={r['fwd_total']}"
         bwd = f"{r['bwd_ops']}+{r['bwd_launches']}={r['bwd_total']}"
-        lines.append(f"{r['options']:<24} {r['backend']:<8} {fwd:>18} {bwd:>18}")
+        lines.append(f"{r['options']:<26} {r['backend']:<8} {fwd:>18} {bwd:>18}")
     return "\n".join(lines)
 
 

@@ -43,8 +43,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if item.get_closest_marker("gpu") is not None and not HAS_CUDA:
             item.add_marker(skip_gpu)
         callspec = getattr(item, "callspec", None)
-        device = callspec.params.get("device", "cpu") if callspec is not None else "cpu"
-        if item.get_closest_marker("triton") is not None and device == "cpu" and not INTERPRETING:
+        params = callspec.params if callspec is not None else {}
+        device = params.get("device", "cpu")
+        # a backend / impl parameter "triton" without a device parameter runs Triton on CPU tensors too
+        runs_triton = item.get_closest_marker("triton") is not None or "triton" in (
+            params.get("backend"),
+            params.get("impl"),
+        )
+        if runs_triton and device == "cpu" and not INTERPRETING:
             item.add_marker(skip_cpu_triton)
 
 

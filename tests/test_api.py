@@ -90,6 +90,7 @@ def _spy_backward(monkeypatch) -> list[dict]:
     return calls
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-phase"])
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.01], ids=["no-bonus", "bonus"])
 def test_fused_linear_backward_gets_forward_logp_and_no_entropy_term_without_bonus(
@@ -115,6 +116,7 @@ def test_fused_linear_backward_gets_forward_logp_and_no_entropy_term_without_bon
         assert (call["grad_entropy"] is None) == (entropy_coef == 0)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.01], ids=["no-bonus", "bonus"])
 def test_loss_backward_gets_forward_logp_and_no_entropy_term_without_bonus(monkeypatch, entropy_coef):
     pytest.importorskip("triton")
@@ -131,6 +133,7 @@ def test_loss_backward_gets_forward_logp_and_no_entropy_term_without_bonus(monke
     assert (call["grad_entropy"] is None) == (entropy_coef == 0)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("entropy_grad", [False, True], ids=["dlogp-only", "dlogp-dH"])
 @pytest.mark.parametrize("entry", ["token_logprobs", "token_logprobs_from_hidden"])
 def test_token_logprobs_backward_gets_forward_logp_and_no_entropy_term_without_its_gradient(

@@ -45,6 +45,7 @@ def test_temperature_below_the_floor_is_refused(tau):
 
 
 @pytest.mark.parametrize("fwd", [vocab_triton.logprob_entropy_fwd, vocab_torch.logprob_entropy_fwd])
+@pytest.mark.triton
 def test_smallest_temperature_gives_finite_entropy(fwd):
     """At the floor the fp32 shifts stay finite: the entropy is a number (about 0), never NaN."""
     gen = torch.Generator().manual_seed(0)
@@ -64,6 +65,7 @@ def test_smallest_temperature_gives_finite_entropy(fwd):
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
 @pytest.mark.parametrize("granularity", ["subsentence", "sequence"])
+@pytest.mark.triton
 def test_composed_step_above_the_fused_limit(monkeypatch, granularity, mode):
     """With fewer tokens allowed than the call has, the Triton backend composes the step; its results
     match the fused step's and the reference's."""
@@ -85,6 +87,7 @@ def test_composed_step_above_the_fused_limit(monkeypatch, granularity, mode):
     assert torch.equal(outs[10].metrics["num_segments"], outs[1 << 16].metrics["num_segments"])
 
 
+@pytest.mark.triton
 def test_fuses_step_by_token_count():
     triton_backend = backend.get_backend("triton", torch.device("cpu"))
     assert triton_backend.fuses_step("token-mean", backend.FUSED_STEP_MAX_TOKENS)
@@ -143,14 +146,14 @@ def test_inplace_backward_refuses_overlapping_logits():
     sspo_loss(shared, *args[1:], **kwargs).loss.backward()  # out of place is fine
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "triton"])
-def test_entropy_ref_tensor_on_the_cpu(backend_name):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_entropy_ref_tensor_on_the_cpu(backend):
     batch = make_batch(12, [6, 4, 7], vocab=23, hole_p=0.1)
     args, kwargs = batch.inputs("subsentence")
     kwargs.update(entropy_ref=torch.tensor([1.3], dtype=torch.float64), **CLIP)
     ref = reference.sspo_loss(*args, **kwargs)
     rest = [a.float() if a.is_floating_point() else a for a in args[1:]]
-    out = sspo_loss(batch.logits.detach().float(), *rest, backend=backend_name, **kwargs)
+    out = sspo_loss(batch.logits.detach().float(), *rest, backend=backend, **kwargs)
     _outputs_close(out, ref)
 
 
@@ -233,3 +236,17 @@ def test_every_function_runs_under_the_device_guard(monkeypatch, entry):
     assert entered == [torch.device("cpu")] * 2
     guard = real(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("cu", [[0, 4, 9], [0, 6, 4, 10], [1, 5, 10], [0, 5, 10, 10, 12]], ids=str)
+def test_malformed_cu_seqlens_is_an_error(backend, cu):
+    """The fused step checks cu_seqlens itself (one check with the token and weight counts): the
+    same ValueError naming cu_seqlens as the validation layer's on the CPU."""
+    batch = pack(make_batch(16, [4, 6], vocab=11, per_token_adv=True))  # 10 tokens, advantages per token
+    args, kwargs = batch.inputs("subsentence")
+    kwargs["cu_seqlens"] = torch.tensor(cu)
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0, be non-decreasing and end at the token count"):
+        sspo_loss(batch.logits.detach().float(), *args[1:], backend=backend, **kwargs)
+    kwargs["cu_seqlens"] = torch.tensor([0, 4, 4, 10])  # an empty response is fine
+    sspo_loss(batch.logits.detach().float(), *args[1:], backend=backend, **kwargs)

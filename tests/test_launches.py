@@ -24,6 +24,7 @@ def _no_poison(monkeypatch):
 
 
 @pytest.mark.parametrize("granularity", ["token", "sequence", "subsentence"])
+@pytest.mark.triton
 def test_triton_backend_launch_budget(granularity):
     args, kwargs = make_call(packed=False, device="cpu")
     kwargs.pop("ref_logprobs")
@@ -34,6 +35,7 @@ def test_triton_backend_launch_budget(granularity):
     assert bwd.total <= BACKWARD_BUDGET, f"backward: {bwd.total} > {BACKWARD_BUDGET}: {bwd.ops}"
 
 
+@pytest.mark.triton
 def test_every_option_set_is_counted():
     """The benchmark's table: the fused step wherever the loss is a scalar; the per-token loss and
     the torch backend compose the step from many ops (the counter sees them)."""

@@ -170,6 +170,7 @@ def test_bad_policy_weights_at_masked_in_tokens(backend):
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.triton
 def test_launch_budget_with_every_option(monkeypatch, objective):
     """Every correction and the objective in the fused step: the budget of the default options holds
     (forward <= 12 device ops and launches, backward <= 3)."""

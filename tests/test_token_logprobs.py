@@ -241,6 +241,7 @@ def test_bad_input_names_the_argument(kwargs, error, needle):
 # ---------------------------------------------------------------- what a call puts on the device
 
 
+@pytest.mark.triton
 def test_triton_launch_counts(monkeypatch):
     """Forward: one vocabulary kernel and the token check (a few ops); backward: one kernel. No graph under
     no_grad, the same one launch."""

@@ -141,6 +141,7 @@ def test_no_grad_one_gemm_and_one_pass_per_chunk(backend, monkeypatch):
     assert torch.equal(logp, graph[0].detach()) and torch.equal(ent, graph[1].detach())
 
 
+@pytest.mark.triton
 def test_triton_launch_counts_with_grad(monkeypatch):
     """With grad: forward one GEMM and one kernel per chunk; backward recomputes the chunk's logits (one GEMM),
     one kernel, and the hidden / weight / bias gradient products per chunk."""

@@ -91,8 +91,8 @@ def step_block_t(constexprs: dict) -> int:
 GRANULARITY_IDS = {"token": 0, "sequence": 1, "subsentence": 2, "sentence": 2, "segments": 3}
 AGG_IDS = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3, "sum": 4}
 # out: the loss, the metrics of METRIC_NAMES but num_segments (int64, apart), and two bad-input counts
-NUM_SCALARS = 21
-BAD_TOKENS, BAD_WEIGHTS = 10, 20
+NUM_SCALARS = 22
+BAD_COUNTS = slice(19, 22)  # masked-in tokens outside [0, V), bad policy weights, cu_seqlens violations
 
 
 @triton.jit
@@ -134,8 +134,9 @@ def segment_step_fwd_kernel(
     EXTRA_SUM: tl.constexpr = (ROLLOUT == 2) | (OBJECTIVE == 4)
 
     # ---- response id of every token: padded rows (T, in walk 1) or the spans of cu_seqlens (B + 1 offsets)
+    n_bad_cu = tl.zeros([], dtype=tl.float32)  # cu_seqlens not starting at 0, decreasing, or not ending at N
     if PACKED:
-        packed_response_ids(rid_ptr, cu_ptr, N, B, BLOCK_T)
+        n_bad_cu = packed_response_ids(rid_ptr, cu_ptr, N, B, BLOCK_T)
 
     # ---- walk 1: segment ids, running sums, batch counts
     carry_last = tl.full([], -1, tl.int32)  # index of the last masked-in token so far
@@ -446,20 +447,21 @@ def segment_step_fwd_kernel(
     tl.store(out_ptr + 7, h_sum / tokens)
     tl.store(out_ptr + 8, kl_sum / tokens)
     tl.store(out_ptr + 9, n_tok / per_seg)
-    tl.store(out_ptr + 10, n_bad)  # BAD_TOKENS
-    tl.store(out_ptr + 11, is_sum / tokens)
-    tl.store(out_ptr + 12, tl.where(any_token, is_min_seen, 0.0))
-    tl.store(out_ptr + 13, tl.where(any_token, is_max_seen, 0.0))
-    tl.store(out_ptr + 14, is_masked / tokens)
-    tl.store(out_ptr + 15, off_masked / tokens)
-    tl.store(out_ptr + 16, ent_masked / tokens)
-    tl.store(out_ptr + 17, dual_capped / tokens)
+    tl.store(out_ptr + 10, is_sum / tokens)
+    tl.store(out_ptr + 11, tl.where(any_token, is_min_seen, 0.0))
+    tl.store(out_ptr + 12, tl.where(any_token, is_max_seen, 0.0))
+    tl.store(out_ptr + 13, is_masked / tokens)
+    tl.store(out_ptr + 14, off_masked / tokens)
+    tl.store(out_ptr + 15, ent_masked / tokens)
+    tl.store(out_ptr + 16, dual_capped / tokens)
     if OBJECTIVE == 1:
-        tl.store(out_ptr + 18, clip_high / tokens)
+        tl.store(out_ptr + 17, clip_high / tokens)
     else:
-        tl.store(out_ptr + 18, 0.0)
-    tl.store(out_ptr + 19, phi_sum / per_seg)
-    tl.store(out_ptr + 20, n_bad_w)  # BAD_WEIGHTS
+        tl.store(out_ptr + 17, 0.0)
+    tl.store(out_ptr + 18, phi_sum / per_seg)
+    tl.store(out_ptr + 19, n_bad)  # the bad-input counts, BAD_COUNTS
+    tl.store(out_ptr + 20, n_bad_w)
+    tl.store(out_ptr + 21, n_bad_cu)
     tl.store(nseg_ptr, carry_seg.to(tl.int64))
 
 
@@ -530,9 +532,30 @@ def segment_step_fwd(
         cfg.vespo_lambda_neg,
         **variant, BLOCK_T=step_block_t(variant), num_warps=STEP_NUM_WARPS,
     )  # fmt: skip
-    if check_tokens:  # fused asserts, no host sync on CUDA
-        device_check(out[BAD_TOKENS] == 0, token_range_message(batch.token_bound))
-    if weights is not None and batch.lean:
-        device_check(out[BAD_WEIGHTS] == 0, policy_weights_message())
-    metrics = (*out[1:9], nseg, out[9], *out[11:20])
+    if batch.lean:  # the checks this kernel made in place of the validation layer
+        _check_counts(out[BAD_COUNTS], batch)
+    metrics = (*out[1:9], nseg, out[9], *out[10:19])
     return out[0], grad_logp, grad_entropy if cfg.entropy_coef > 0 else None, metrics
+
+
+def _check_counts(counts: torch.Tensor, batch: FlatBatch) -> None:
+    """One check of the kernel's bad-input counts (tokens, policy weights, cu_seqlens), those it made:
+    on the CPU the error names its input; on CUDA (and under torch.compile) one device-side assert,
+    no host sync."""
+    checks = [
+        (batch.token_bound is not None, token_range_message(batch.token_bound or 0)),
+        (batch.policy_weights is not None, policy_weights_message()),
+        (batch.cu_seqlens is not None, "cu_seqlens must start at 0, be non-decreasing and end at the token count"),
+    ]
+    made = [i for i, (on, _) in enumerate(checks) if on]
+    if not made:
+        return
+    if len(made) == 1:  # one count: one comparison (the others are 0)
+        good = counts[made[0]] == 0
+    else:
+        good = (counts == 0).all()
+    if counts.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(good):
+            raise ValueError("; ".join(message for (_, message), c in zip(checks, counts.tolist()) if c != 0))
+    else:
+        device_check(good, " / ".join(message for on, message in checks if on))

@@ -65,7 +65,10 @@ def entropy_factor(tot_h_ptr, slot, m, n_s, h_ref, gamma, k_min, k_max, ADAPTS: 
 
 @triton.jit
 def packed_response_ids(rid_ptr, cu_ptr, N, B, BLOCK_T: tl.constexpr):
-    """rid[t] = the response whose cu_seqlens span holds token t (int32), by a max-scan of the starts."""
+    """rid[t] = the response whose cu_seqlens span holds token t (int32), by a max-scan of the starts.
+    Returns the number of violations of cu_seqlens' form (start 0, non-decreasing, end N), as fp32;
+    a malformed start is never written through."""
+    n_bad = tl.where(tl.load(cu_ptr) != 0, 1.0, 0.0) + tl.where(tl.load(cu_ptr + B) != N, 1.0, 0.0)
     for start in range(0, N, BLOCK_T):
         o = start + tl.arange(0, BLOCK_T)
         tl.store(rid_ptr + o, tl.full([BLOCK_T], -1, tl.int32), mask=o < N)
@@ -73,8 +76,10 @@ def packed_response_ids(rid_ptr, cu_ptr, N, B, BLOCK_T: tl.constexpr):
     for start in range(0, B, BLOCK_T):
         o_b = start + tl.arange(0, BLOCK_T)
         first = tl.load(cu_ptr + o_b, mask=o_b < B, other=N)
+        following = tl.load(cu_ptr + o_b + 1, mask=o_b < B, other=N)
+        n_bad += tl.sum(tl.where((o_b < B) & (following < first), 1.0, 0.0), 0)
         # the response that owns a start position is the last one starting there (earlier ones are empty)
-        tl.atomic_max(rid_ptr + first, o_b.to(tl.int32), mask=(o_b < B) & (first < N))
+        tl.atomic_max(rid_ptr + first, o_b.to(tl.int32), mask=(o_b < B) & (first >= 0) & (first < N))
     tl.debug_barrier()
     carry_rid = tl.full([], 0, tl.int32)
     for start in range(0, N, BLOCK_T):
@@ -84,6 +89,7 @@ def packed_response_ids(rid_ptr, cu_ptr, N, B, BLOCK_T: tl.constexpr):
         tl.store(rid_ptr + o, r, mask=m_o)
         carry_rid = tl.max(tl.where(m_o, r, 0), 0)
     tl.debug_barrier()
+    return n_bad
 
 
 @triton.jit
