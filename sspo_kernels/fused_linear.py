@@ -409,4 +409,3 @@ class SSPOLossFromHidden(LossModule):
 
     LOSS = sspo_loss_from_hidden
     OPTIONS = SSPO_LOSS_FROM_HIDDEN_OPTIONS
-
