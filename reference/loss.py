@@ -21,13 +21,21 @@ REFERENCE_OPTIONS = OptionSet(LOSS_OPTIONS)
 
 
 def naive_logprob_entropy(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """l_t = log softmax(z_t / tau)[y_t] and H_t = -sum_v p log p, in float64 (docs/loss.md "Token quantities").
+    """l_t = log softmax(z_t)[y_t] and H_t = -sum_v p log p, in float64 (docs/loss.md "Token quantities"),
+    with z = scale * logits, soft-capped to s * tanh(z / s) when `softcap` = s is given, then / tau.
 
     logits (..., V) any float dtype; tokens (...) int (ids outside [0, V) give l_t = 0 there).
     """
-    z = logits.double() / temperature
+    u = logits.double() * scale
+    if softcap is not None:
+        u = softcap * torch.tanh(u / softcap)
+    z = u / temperature
     log_p = torch.log_softmax(z, dim=-1)
     valid = (tokens >= 0) & (tokens < z.shape[-1])
     safe = torch.where(valid, tokens, torch.zeros_like(tokens)).long()
@@ -125,7 +133,7 @@ def sspo_loss(
     logits = logits.cpu().reshape(-1, logits.shape[-1])
     batch = _to_cpu(batch)
 
-    logp, entropy = naive_logprob_entropy(logits, batch.tokens, cfg.temperature)
+    logp, entropy = naive_logprob_entropy(logits, batch.tokens, cfg.temperature, cfg.logit_scale, cfg.logit_softcap)
     mask = batch.mask
     zero = torch.zeros((), dtype=torch.float64)
 

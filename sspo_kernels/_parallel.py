@@ -56,6 +56,8 @@ def sharded_vocab(
         if start is not None:
             raise ValueError("vocab_start is given without tp_group")
         return None
+    if opts.get("logit_scale", 1.0) != 1.0 or opts.get("logit_softcap") is not None:
+        raise ValueError("logit_scale / logit_softcap with tp_group: the vocabulary-parallel pass has no transform")
     rank, _ = check_group("tp_group", group, device)
     if start is None:
         start = rank * v_local

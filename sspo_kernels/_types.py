@@ -72,6 +72,14 @@ class LossConfig:
     off_policy_mask: float | None = None
     entropy_mask_quantile: float | None = None
     kl_ratio_weight: bool = False
+    # the logits' transform before the temperature (docs/loss.md "Token quantities")
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
+
+    @property
+    def logit_transform(self) -> dict:
+        """The vocabulary pass's keywords for the transform: scale, softcap."""
+        return {"scale": self.logit_scale, "softcap": self.logit_softcap}
 
     @property
     def has_bounds(self) -> bool:

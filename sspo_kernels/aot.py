@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import multiprocessing
 import os
 import re
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from sspo_kernels.ops.vocab.blocks import all_vocab_block_configs
+from sspo_kernels.ops.vocab.blocks import all_vocab_block_configs, transform_block_config
 
 TARGETS = (80, 90)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -73,7 +74,12 @@ def _kernel_specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], torc
     specs = []
     for dtype in DTYPES:
         logits = "*" + _TRITON_TYPE[dtype]
-        for block_v, num_warps in all_vocab_block_configs(dtype):
+        # TRANSFORM=0 on every block the heuristic picks; the logit transform (a scale and a soft-cap,
+        # TRANSFORM=2) on every block `transform_block_config` makes of them
+        configs = all_vocab_block_configs(dtype)
+        jobs = [(c, 0) for c in configs] + [(c, 2) for c in sorted({transform_block_config(c) for c in configs})]
+        for (block_v, num_warps), transform in jobs:
+            transforms = (transform,)
             fwd = {
                 "logits_ptr": logits,
                 "tokens_ptr": "*i64",
@@ -81,10 +87,12 @@ def _kernel_specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], torc
                 **{p: "*fp32" for p in ("logp_ptr", "entropy_ptr", "lse_ptr")},
                 **sizes,
                 "inv_tau": "fp32",
+                "scale": "fp32",
+                "softcap": "fp32",
             }
-            specs.append(
-                ("logprob_entropy_fwd", logprob_entropy_fwd_kernel, fwd, {"BLOCK_V": block_v}, dtype, num_warps)
-            )
+            for transform in transforms:
+                constexprs = {"BLOCK_V": block_v, "TRANSFORM": transform}
+                specs.append(("logprob_entropy_fwd", logprob_entropy_fwd_kernel, fwd, constexprs, dtype, num_warps))
             bwd = {
                 "logits_ptr": logits,
                 "tokens_ptr": "*i64",
@@ -95,9 +103,11 @@ def _kernel_specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], torc
                 "stride_gb": "i64",
                 "stride_gt": "i64",
                 "inv_tau": "fp32",
+                "scale": "fp32",
+                "softcap": "fp32",
             }
-            for has_grad_entropy in (True, False):
-                constexprs = {"BLOCK_V": block_v, "HAS_GRAD_ENTROPY": has_grad_entropy}
+            for has_grad_entropy, transform in itertools.product((True, False), transforms):
+                constexprs = {"BLOCK_V": block_v, "HAS_GRAD_ENTROPY": has_grad_entropy, "TRANSFORM": transform}
                 specs.append(("logprob_entropy_bwd", logprob_entropy_bwd_kernel, bwd, constexprs, dtype, num_warps))
     # the deterministic segmented sum of the segment step: K = 3 columns in forward, 1 in backward
     seg_sum = {

@@ -43,10 +43,18 @@ class Backend:
         return self.segment_step is not None and loss_agg_mode != "none" and num_tokens <= FUSED_STEP_MAX_TOKENS
 
     def vocab_fwd(
-        self, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, temperature: float
+        self,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        temperature: float,
+        *,
+        scale: float = 1.0,
+        softcap: float | None = None,
     ) -> VocabStats:
-        """logits (N, V) or (B, T, V); tokens (N,) int64; mask (N,) bool. Returns (N,) fp32 statistics."""
-        return VocabStats(*self.vocab_fwd_impl(logits, tokens, mask, temperature))
+        """logits (N, V) or (B, T, V); tokens (N,) int64; mask (N,) bool. Returns (N,) fp32 statistics.
+        scale, softcap: the logits' transform before the temperature (docs/loss.md "Token quantities")."""
+        return VocabStats(*self.vocab_fwd_impl(logits, tokens, mask, temperature, scale=scale, softcap=softcap))
 
     def vocab_bwd(
         self,
@@ -59,12 +67,14 @@ class Backend:
         temperature: float,
         *,
         inplace: bool,
+        scale: float = 1.0,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """dLoss/dlogits for dLoss/dl_t = grad_logp and dLoss/dH_t = grad_entropy ((N,) fp32; None: no
         entropy term), shaped like logits in their dtype (the logits buffer itself when `inplace`)."""
         return self.vocab_bwd_impl(
             logits, tokens, mask, stats.lse, stats.entropy, grad_logp, grad_entropy, temperature,
-            inplace=inplace, logp=stats.logp, rows=stats.rows,
+            inplace=inplace, logp=stats.logp, rows=stats.rows, scale=scale, softcap=softcap,
         )  # fmt: skip
 
 

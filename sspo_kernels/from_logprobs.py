@@ -77,6 +77,8 @@ def sspo_loss_from_logprobs(
     cfg = config_of(opts)
     if cfg.temperature != 1.0:
         raise ValueError("temperature must be 1 here: the log-probs given are already at the sampling temperature")
+    if cfg.logit_scale != 1.0 or cfg.logit_softcap is not None:
+        raise ValueError("logit_scale and logit_softcap must keep their defaults here: the log-probs carry them")
     adapts = cfg.has_bounds and cfg.entropy_gamma != 0 and (cfg.adapt_low or cfg.adapt_high)
     if entropy is None and (adapts or cfg.entropy_coef > 0 or cfg.entropy_mask_quantile is not None):
         raise ValueError(

@@ -182,7 +182,9 @@ class TwoPhaseFunction(torch.autograd.Function):
         for s, e in plan.bounds:
             logits = chunk_logits(hidden[s:e], weight, bias, buffer)
             if shard is None:
-                chunk = backend.vocab_fwd(logits, batch.tokens[s:e], batch.mask[s:e], cfg.temperature)
+                chunk = backend.vocab_fwd(
+                    logits, batch.tokens[s:e], batch.mask[s:e], cfg.temperature, **cfg.logit_transform
+                )
                 if chunk.rows is not None and stats.rows is None:  # the torch pass's row statistics
                     stats = stats._replace(rows=chunk.rows.new_empty((*chunk.rows.shape[:-1], n)))
                 for out, value in zip(stats, chunk):
@@ -218,7 +220,7 @@ class TwoPhaseFunction(torch.autograd.Function):
             logits = chunk_logits(hidden[s:e], weight, bias, buffer)
             dlogits = ctx.vocab.vocab_bwd(
                 logits, tokens[s:e], mask[s:e], ctx.stats_type(*(_rows_of(t, s, e) for t in stats)), grad_logp[s:e],
-                _rows_of(grad_entropy, s, e), cfg.temperature, inplace=True,
+                _rows_of(grad_entropy, s, e), cfg.temperature, inplace=True, **cfg.logit_transform,
             )  # fmt: skip
             grads.add_chunk(dlogits, hidden[s:e], mask[s:e], weight, s, e)
             del logits, dlogits
@@ -253,7 +255,7 @@ class SinglePassFunction(torch.autograd.Function):
             first = seen[s - 1] + 1 if s > 0 else 0
             seg_c = torch.where(seg[s:e] >= 0, seg[s:e] - first, -1)
             logits = chunk_logits(hidden[s:e], weight, bias, buffer)
-            stats = backend.vocab_fwd(logits, sub.tokens, sub.mask, cfg.temperature)
+            stats = backend.vocab_fwd(logits, sub.tokens, sub.mask, cfg.temperature, **cfg.logit_transform)
             step = objective_fwd(stats.logp, stats.entropy, seg_c, sub, cfg, backend=backend, weights=weights[s:e])
             losses.append(step.loss)
             parts.append(step.metric_sums)
@@ -261,7 +263,15 @@ class SinglePassFunction(torch.autograd.Function):
             if any(needs):
                 grad_logp, grad_entropy = objective_bwd(step.saved, unit, cfg, backend)
                 dlogits = backend.vocab_bwd(
-                    logits, sub.tokens, sub.mask, stats, grad_logp, grad_entropy, cfg.temperature, inplace=True
+                    logits,
+                    sub.tokens,
+                    sub.mask,
+                    stats,
+                    grad_logp,
+                    grad_entropy,
+                    cfg.temperature,
+                    inplace=True,
+                    **cfg.logit_transform,
                 )
                 grads.add_chunk(dlogits, hidden[s:e], sub.mask, weight, s, e)
                 del dlogits

@@ -55,7 +55,7 @@ class SSPOLossFunction(torch.autograd.Function):
         vocab = backend if parallel is None or parallel.vocab is None else parallel.vocab
         sp = None if parallel is None else parallel.seq
         tokens, mask = (batch.tokens, batch.mask) if sp is None else (sp.rows(batch.tokens), sp.rows(batch.mask))
-        stats = vocab.vocab_fwd(logits, tokens, mask, cfg.temperature)
+        stats = vocab.vocab_fwd(logits, tokens, mask, cfg.temperature, **cfg.logit_transform)
         logp, entropy = (stats.logp, stats.entropy) if sp is None else sp.gather(stats.logp, stats.entropy)
         loss, saved, metrics = segment_step(logp, entropy, seg, batch, cfg, backend)  # seg None: fused
         ctx.save_for_backward(logits, tokens, mask, *stats, *saved)
@@ -75,7 +75,15 @@ class SSPOLossFunction(torch.autograd.Function):
         if ctx.sp is not None:  # this rank's rows
             grad_logp, grad_entropy = ctx.sp.local(grad_logp), ctx.sp.local(grad_entropy)
         grad = ctx.vocab.vocab_bwd(
-            logits, tokens, mask, stats, grad_logp, grad_entropy, ctx.cfg.temperature, inplace=ctx.inplace
+            logits,
+            tokens,
+            mask,
+            stats,
+            grad_logp,
+            grad_entropy,
+            ctx.cfg.temperature,
+            inplace=ctx.inplace,
+            **ctx.cfg.logit_transform,
         )
         return grad, None, None, None, None, None, None
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sspo_kernels._options import finite_number, flag
+from sspo_kernels._options import check_temperature, finite_number, flag
 from sspo_kernels._parallel import reduce_hidden, sharded_vocab
 from sspo_kernels._types import VocabStats
 from sspo_kernels._utils import device_guard, new_empty, on_ctx_device, on_input_device
@@ -62,7 +62,7 @@ def _upstream(grad_logp: torch.Tensor | None, n: int, device: torch.device) -> t
     return grad_logp.reshape(-1).float()
 
 
-def _stats_from_hidden(hidden, weight, bias, tokens, mask, tau: float, bounds, vocab, *, keep_rows: bool):
+def _stats_from_hidden(hidden, weight, bias, tokens, mask, tau: float, transform, bounds, vocab, *, keep_rows: bool):
     """The per-token statistics of z = (hidden @ weight.T + bias) / tau, one chunk of rows at a time in one
     reused logits buffer: a `VocabStats` from a `Backend`, or the merged `ShardedStats` of a `ShardedVocab`
     (its partial statistics of every chunk, then the 2 collectives once for the whole batch)."""
@@ -78,7 +78,7 @@ def _stats_from_hidden(hidden, weight, bias, tokens, mask, tau: float, bounds, v
         if sharded:
             partial[s:e] = vocab.partial(logits, tokens[s:e], mask[s:e], tau)
             continue
-        chunk = vocab.vocab_fwd(logits, tokens[s:e], mask[s:e], tau)
+        chunk = vocab.vocab_fwd(logits, tokens[s:e], mask[s:e], tau, **transform)
         if keep_rows and chunk.rows is not None and stats.rows is None:  # the torch pass's row statistics
             stats = stats._replace(rows=chunk.rows.new_empty((*chunk.rows.shape[:-1], n)))
         for out, value in zip(stats, chunk):
@@ -97,10 +97,11 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     @on_input_device
-    def forward(ctx, logits, tokens, mask, temperature: float, vocab, inplace: bool):
-        stats = vocab.vocab_fwd(logits, tokens, mask, temperature)
+    def forward(ctx, logits, tokens, mask, temperature: float, transform: dict, vocab, inplace: bool):
+        stats = vocab.vocab_fwd(logits, tokens, mask, temperature, **transform)
         ctx.save_for_backward(logits, tokens, mask, *stats)
         ctx.temperature, ctx.vocab, ctx.inplace, ctx.stats_type = temperature, vocab, inplace, type(stats)
+        ctx.transform = transform
         ctx.set_materialize_grads(False)  # an output without a gradient arrives as None
         return stats.logp, stats.entropy
 
@@ -108,14 +109,14 @@ class TokenLogprobsFunction(torch.autograd.Function):
     @on_ctx_device
     def backward(ctx, grad_logp, grad_entropy):
         if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         logits, tokens, mask, *stats = ctx.saved_tensors
         g = _upstream(grad_logp, tokens.shape[0], logits.device)
         e = None if grad_entropy is None else grad_entropy.reshape(-1)
         grad = ctx.vocab.vocab_bwd(
-            logits, tokens, mask, ctx.stats_type(*stats), g, e, ctx.temperature, inplace=ctx.inplace
+            logits, tokens, mask, ctx.stats_type(*stats), g, e, ctx.temperature, inplace=ctx.inplace, **ctx.transform
         )
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 class TokenLogprobsFromHiddenFunction(torch.autograd.Function):
@@ -126,10 +127,13 @@ class TokenLogprobsFromHiddenFunction(torch.autograd.Function):
 
     @staticmethod
     @on_input_device
-    def forward(ctx, hidden, weight, bias, tokens, mask, temperature: float, bounds, vocab, reduce_group):
-        stats = _stats_from_hidden(hidden, weight, bias, tokens, mask, temperature, bounds, vocab, keep_rows=True)
+    def forward(ctx, hidden, weight, bias, tokens, mask, temperature: float, transform, bounds, vocab, reduce_group):
+        stats = _stats_from_hidden(
+            hidden, weight, bias, tokens, mask, temperature, transform, bounds, vocab, keep_rows=True
+        )
         ctx.save_for_backward(hidden, weight, bias, tokens, mask, *stats)
         ctx.temperature, ctx.bounds, ctx.vocab, ctx.reduce_group = temperature, bounds, vocab, reduce_group
+        ctx.transform = transform
         ctx.stats_type = type(stats)
         ctx.set_materialize_grads(False)
         return stats.logp, stats.entropy
@@ -137,7 +141,7 @@ class TokenLogprobsFromHiddenFunction(torch.autograd.Function):
     @staticmethod
     @on_ctx_device
     def backward(ctx, grad_logp, grad_entropy):
-        none = (None,) * 6
+        none = (None,) * 7
         if grad_logp is None and grad_entropy is None:
             return (None, None, None, *none)
         hidden, weight, bias, tokens, mask, *stats = ctx.saved_tensors
@@ -150,7 +154,7 @@ class TokenLogprobsFromHiddenFunction(torch.autograd.Function):
             rows = ctx.stats_type(*(None if t is None else t[..., s:end] for t in stats))
             dlogits = ctx.vocab.vocab_bwd(
                 logits, tokens[s:end], mask[s:end], rows, g[s:end], None if e is None else e[s:end],
-                ctx.temperature, inplace=True,
+                ctx.temperature, inplace=True, **ctx.transform,
             )  # fmt: skip
             grads.add_chunk(dlogits, hidden[s:end], mask[s:end], weight, s, end)
             del logits, dlogits
@@ -163,10 +167,21 @@ class TokenLogprobsFromHiddenFunction(torch.autograd.Function):
 # ---------------------------------------------------------------- public API
 
 
-def _tp_vocab(tp_group: Any, vocab_start: int | None, v_local: int, device: torch.device, backend: str, rows):
-    """The tensor-parallel vocabulary pass (None without `tp_group`)."""
+def _tp_vocab(
+    tp_group: Any, vocab_start: int | None, v_local: int, device: torch.device, backend: str, rows, transform
+):
+    """The tensor-parallel vocabulary pass (None without `tp_group`); a logit transform is refused there."""
     opts = {"tp_group": tp_group, "vocab_start": vocab_start, "chunk_size": rows}
+    opts.update(logit_scale=transform["scale"], logit_softcap=transform["softcap"])
     return sharded_vocab(opts, v_local, device, resolve_backend_name(backend, device), None)
+
+
+def _transform(scale: object, softcap: object) -> dict:
+    """The vocabulary pass's logit transform keywords, checked (a finite scale, a soft-cap > 0 or None)."""
+    return {
+        "scale": finite_number("logit_scale", scale),
+        "softcap": None if softcap is None else finite_number("logit_softcap", softcap, positive=True),
+    }
 
 
 def _outputs(logp: torch.Tensor, ent: torch.Tensor, shape: tuple[int, ...], entropy: bool):
@@ -183,8 +198,11 @@ def token_logprobs(
     backend: str = "auto",
     tp_group: Any = None,
     vocab_start: int | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-prob l_t = log softmax(logits_t / temperature)[tokens_t] and entropy H_t, in fp32.
+    """Per-token log-prob l_t = log softmax(z_t)[tokens_t] and entropy H_t, in fp32, with z_t = logits_t /
+    temperature (after `logit_scale` and the `logit_softcap` s * tanh(. / s): docs/loss.md "Token quantities").
 
     logits: (N, V) or (B, T, V), bf16 / fp16 / fp32 (fp64 is read and computed in fp32), any strides
         (a last stride other than 1 costs a copy). tokens: integer ids shaped like logits without V;
@@ -199,7 +217,8 @@ def token_logprobs(
         (default rank * V_local) and tokens global ids; every rank gets the full-vocabulary outputs, the
         backward the gradient of its own columns. 2 collectives in the forward, none in the backward.
     """
-    tau = finite_number("temperature", temperature, positive=True)
+    tau = check_temperature(temperature)
+    transform = _transform(logit_scale, logit_softcap)
     want_entropy = flag("entropy", entropy)
     inplace = flag("inplace_backward", inplace_backward)
     logits, layout = logits_layout(logits)
@@ -207,13 +226,13 @@ def token_logprobs(
         raise ValueError("vocab_start is given without tp_group")
     vocab = get_backend(backend, layout.device)
     if tp_group is not None:
-        vocab = _tp_vocab(tp_group, vocab_start, layout.vocab_size, layout.device, backend, None)
+        vocab = _tp_vocab(tp_group, vocab_start, layout.vocab_size, layout.device, backend, None, transform)
     flat, mask = _flat_tokens(tokens, layout.token_shape, layout.device, None if tp_group else layout.vocab_size)
     if _wants_graph(logits):
-        logp, ent = TokenLogprobsFunction.apply(logits, flat, mask, tau, vocab, inplace)
+        logp, ent = TokenLogprobsFunction.apply(logits, flat, mask, tau, transform, vocab, inplace)
     else:
         with device_guard(layout.device):
-            stats = vocab.vocab_fwd(logits.detach(), flat, mask, tau)
+            stats = vocab.vocab_fwd(logits.detach(), flat, mask, tau, **transform)
         logp, ent = stats.logp, stats.entropy
     return _outputs(logp, ent, layout.token_shape, want_entropy)
 
@@ -231,6 +250,8 @@ def token_logprobs_from_hidden(
     reduce_hidden_grad: bool = False,
     chunk_size: int | None = None,
     backend: str = "auto",
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`token_logprobs` of the logits z_t = weight @ hidden_t + bias, without building them for all tokens.
 
@@ -251,7 +272,8 @@ def token_logprobs_from_hidden(
     `reduce_hidden_grad=True` (one N x H all-reduce in the backward).
     backend: as in `token_logprobs`.
     """
-    tau = finite_number("temperature", temperature, positive=True)
+    tau = check_temperature(temperature)
+    transform = _transform(logit_scale, logit_softcap)
     want_entropy = flag("entropy", entropy)
     layout = hidden_layout(hidden, weight, bias, None)
     reduce = flag("reduce_hidden_grad", reduce_hidden_grad)
@@ -267,14 +289,18 @@ def token_logprobs_from_hidden(
     rows = chunk_rows(bounds) if layout.device.type == "cuda" else None
     vocab = get_backend(backend, layout.device, chunk_size=rows)
     if tp_group is not None:
-        vocab = _tp_vocab(tp_group, vocab_start, layout.vocab_size, layout.device, backend, rows)
+        vocab = _tp_vocab(tp_group, vocab_start, layout.vocab_size, layout.device, backend, rows, transform)
     flat, mask = _flat_tokens(tokens, layout.token_shape, layout.device, None if tp_group else layout.vocab_size)
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     if _wants_graph(hidden, weight, bias):
         group = tp_group if reduce else None
-        logp, ent = TokenLogprobsFromHiddenFunction.apply(hidden2, weight, bias, flat, mask, tau, bounds, vocab, group)
+        logp, ent = TokenLogprobsFromHiddenFunction.apply(
+            hidden2, weight, bias, flat, mask, tau, transform, bounds, vocab, group
+        )
     else:
         with device_guard(layout.device), torch.no_grad():
-            stats = _stats_from_hidden(hidden2, weight, bias, flat, mask, tau, bounds, vocab, keep_rows=False)
+            stats = _stats_from_hidden(
+                hidden2, weight, bias, flat, mask, tau, transform, bounds, vocab, keep_rows=False
+            )
         logp, ent = stats.logp, stats.entropy
     return _outputs(logp, ent, layout.token_shape, want_entropy)

@@ -32,18 +32,25 @@ def dataset():
 
 
 def test_package_head_only_for_plain_text_models():
-    """A vision-language config (a text config of its own), logit transforms, a prompt-learning adapter: TRL's head."""
+    """A vision-language config (a text config of its own) or a prompt-learning adapter: TRL's head. Logit
+    transforms stay on the package's head, read as TRL's head reads them."""
     from types import SimpleNamespace
 
-    from sspo_kernels.integrations.trl import package_head_ok
+    from sspo_kernels.integrations.trl import logit_transform, package_head_ok
 
     head = torch.nn.Linear(4, 8, bias=False)
     text = transformers.Qwen2Config(hidden_size=4, num_attention_heads=1, num_key_value_heads=1)
     lm = lambda config, **kw: SimpleNamespace(config=config, get_output_embeddings=lambda: head, **kw)
     assert package_head_ok(lm(text))
+    assert logit_transform(lm(text)) == {"logit_scale": 1.0, "logit_softcap": None}
     assert not package_head_ok(lm(transformers.Qwen2VLConfig(text_config=text.to_dict())))
-    for name, value in [("final_logit_softcapping", 30.0), ("logit_scale", 0.5), ("logits_scaling", 2.0)]:
-        assert not package_head_ok(lm(transformers.Qwen2Config(**{name: value}))), name
+    cases = [("final_logit_softcapping", 30.0, (1.0, 30.0)), ("logit_scale", 0.5, (0.5, None)),
+             ("output_multiplier", 3.0, (3.0, None)), ("lm_head_multiplier", 0.25, (0.25, None)),
+             ("logits_scaling", 2.0, (0.5, None))]  # fmt: skip
+    for name, value, (scale, softcap) in cases:
+        model = lm(transformers.Qwen2Config(**{name: value}))
+        assert package_head_ok(model), name
+        assert logit_transform(model) == {"logit_scale": scale, "logit_softcap": softcap}, name
     prompt = {"default": SimpleNamespace(is_prompt_learning=True)}
     assert not package_head_ok(lm(text, peft_config=prompt))
 
@@ -93,11 +100,13 @@ MODEL_DEFAULTS = {"beta": (0.0, True), "delta": None, "opsm": None, "entropy_q":
 @pytest.mark.parametrize("kind", ["moe", "softcapped"])
 @pytest.mark.parametrize("case", MODEL_CASES, ids=[_case_id({**MODEL_DEFAULTS, **c}) for c in MODEL_CASES])
 def test_trl_head_models_equal_trl(request, kind, case):
-    """MoE (the router aux loss, from the backbone's router logits through TRL's head) and soft-capped / scaled
-    logits: the log-probs path on TRL's own head, every setting as for the dense model."""
+    """MoE (the router aux loss, from the backbone's router logits through TRL's head: the log-probs path on
+    TRL's own head) and soft-capped / scaled logits (the package's paths, the transform in the vocabulary
+    pass): every setting as for the dense model."""
     trainer, world = request.getfixturevalue(kind)
     case = {**MODEL_DEFAULTS, **case}
     inputs, micro = configure(trainer, case, world)
-    assert trainer._sspo_route(_settings(trainer), inputs) == "trl"
+    route = trainer._sspo_route(_settings(trainer), inputs)
+    assert route == "trl" if kind == "moe" else route in ("fused", "package"), route
     worst = compare(trainer, inputs, f"{kind} {_case_id(case)}", micro)
     print(f"\n{kind} {_case_id(case)}: worst {worst}")

@@ -7,12 +7,13 @@ built). The loss runs inside the wrapped model's forward (TRL's forward redirect
 fire. Two paths, picked per call (`SSPOGRPOConfig.sspo_loss_path` forces one):
 
 - **fused** (`sspo_loss_from_hidden`): the backbone's last hidden states and the output layer go straight into
-  the loss; no `(B, T, V)` logits, one vocabulary pass. For text models whose logits are their output layer's.
+  the loss; no `(B, T, V)` logits, one vocabulary pass. For text models, soft-capped and scaled logits
+  included (the model's `final_logit_softcapping` and logit scale go to the vocabulary pass).
 - **log-probs** (`sspo_loss_from_logprobs` on differentiable per-token log-probs and entropies): from the
   package's head (`token_logprobs_from_hidden`) on a plain text model when the fused call cannot express a
   setting (TRL's entropy bonus under a loss type other than `bnpo` or with the entropy mask, a cispo cap below
   1, ...); from TRL's own fused head (`GRPOTrainer._get_per_token_logps_and_entropies`) for the models it alone
-  covers: vision-language inputs, the MoE router aux loss, soft-capped or scaled logits, prompt-learning PEFT.
+  covers: vision-language inputs, the MoE router aux loss, prompt-learning PEFT.
 
 The no-grad passes (old-policy and reference log-probs) run `token_logprobs_from_hidden` on plain text models and
 TRL's head otherwise. Written against trl 1.16 (`GRPOTrainer._compute_loss(model, inputs)`,
@@ -50,10 +51,6 @@ from sspo_kernels.integrations.trl_options import (
 __all__ = ["SUPPORTED_LOSS_TYPES", "SSPOGRPOConfig", "SSPOGRPOTrainer"]
 
 SUPPORTED_LOSS_TYPES = LOSS_TYPES
-# Attributes of a model config that change the logits after the LM head (TRL's fused head applies them:
-# trl/trainer/utils.py:1574-1589; the package's fused path applies only 1/temperature).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")  # fmt: skip
 # TRL exponentiates log-ratios unclamped; the largest argument whose exp stays finite in fp32 (e^88.7 overflows).
 TRL_LOG_RATIO_CLAMP = 87.0
 # The multimodal keyword arguments of TRL's head, after `compute_aux_loss` in its signature.
@@ -132,13 +129,27 @@ def _sspo_fields(args: Any) -> dict[str, Any]:
     }
 
 
+def logit_transform(lm: torch.nn.Module) -> dict:
+    """`lm`'s logit scale and soft-cap as the package's `logit_scale` / `logit_softcap`, read as TRL's fused
+    head reads them (trl/trainer/utils.py:1577-1590): `final_logit_softcapping`; `logit_scale`, else
+    `output_multiplier`, else `lm_head_multiplier`, else 1 / `logits_scaling` (times it for HyperCLOVA X)."""
+    config = lm.config.get_text_config()
+    scale = getattr(config, "logit_scale", None)
+    for name in ("output_multiplier", "lm_head_multiplier"):
+        scale = getattr(config, name, None) if scale is None else scale
+    scaling = getattr(config, "logits_scaling", None)
+    if scale is None and scaling is not None:
+        scale = scaling if config.model_type == "hyperclovax" else 1 / scaling
+    return {"logit_scale": 1.0 if scale is None else float(scale),
+            "logit_softcap": getattr(config, "final_logit_softcapping", None)}  # fmt: skip
+
+
 def package_head_ok(lm: torch.nn.Module) -> bool:
-    """Whether the package's head reproduces `lm`'s log-probs: a text-only model whose logits are its output
-    layer's (no soft-capping or scaling), with a plain output layer and no prompt-learning adapter."""
+    """Whether the package's head reproduces `lm`'s log-probs: a text-only model (its logit scale and
+    soft-cap go to the vocabulary pass, `logit_transform`), with a plain output layer and no
+    prompt-learning adapter."""
     config = getattr(lm, "config", None)
     if config is None or not hasattr(config, "get_text_config") or config.get_text_config() is not config:
-        return False
-    if any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS):
         return False
     if any(getattr(c, "is_prompt_learning", False) for c in (getattr(lm, "peft_config", None) or {}).values()):
         return False
@@ -193,7 +204,7 @@ class SSPOGRPOTrainer(GRPOTrainer):
         if self.aux_loss_enabled:
             trl_only = "the MoE router aux loss"
         elif not package_head_ok(self._sspo_lm()):
-            trl_only = "the model's logits (soft-capped, scaled, multimodal, or an adapted head)"
+            trl_only = "the model's logits (a multimodal model, or an adapted head)"
         reason = trl_only or self._sspo_fused_blocker(s)
         if forced == "fused" and reason:
             raise ValueError(f"sspo_loss_path='fused' cannot compute TRL's loss here: {reason}")
@@ -242,7 +253,9 @@ class SSPOGRPOTrainer(GRPOTrainer):
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(weight.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
             hidden = hidden.to(device=weight.device, dtype=dtype)
-            return sspo_loss_from_hidden(hidden, weight.to(dtype), completion_ids, bias=bias, **loss_kw)
+            return sspo_loss_from_hidden(
+                hidden, weight.to(dtype), completion_ids, bias=bias, **loss_kw, **logit_transform(lm)
+            )
 
     def _sspo_head_dtype(self, hidden: torch.Tensor, device: torch.device) -> torch.dtype:
         """TRL's head dtype (so every pass of a step rounds alike): fp32 with cast_lm_head_to_fp32, else the
@@ -315,6 +328,7 @@ class SSPOGRPOTrainer(GRPOTrainer):
                 hidden.to(device=device, dtype=dtype), weight.to(dtype), tokens.to(device),
                 bias=None if bias is None else bias.to(dtype), temperature=self.temperature, entropy=compute_entropy,
                 chunk_size=getattr(self.args, "sspo_chunk_size", None), backend=_sspo_fields(self.args)["backend"],
+                **logit_transform(lm),
             )  # fmt: skip
 
     # ------------------------------------------------------------------ loss

@@ -202,11 +202,22 @@ class ShardedVocab:
     def merge(self, part: torch.Tensor, mask: torch.Tensor) -> ShardedStats:
         return merge_partial_stats(part, mask, self.group)
 
-    def vocab_fwd(self, logits, tokens, mask, temperature: float) -> ShardedStats:
+    def vocab_fwd(self, logits, tokens, mask, temperature: float, *, scale=1.0, softcap=None) -> ShardedStats:
+        _no_transform(scale, softcap)
         return self.merge(self.partial(logits, tokens, mask, temperature), mask)
 
-    def vocab_bwd(self, logits, tokens, mask, stats, grad_logp, grad_entropy, temperature, *, inplace: bool):
+    def vocab_bwd(
+        self, logits, tokens, mask, stats, grad_logp, grad_entropy, temperature, *, inplace: bool, scale=1.0,
+        softcap=None,
+    ):  # fmt: skip
+        _no_transform(scale, softcap)
         return sharded_bwd_torch(
             logits, tokens, mask, stats, grad_logp, grad_entropy, self.vocab_start, temperature,
             inplace=inplace, chunk_size=self.chunk_size,
         )  # fmt: skip
+
+
+def _no_transform(scale: float, softcap: float | None) -> None:
+    """The vocabulary-parallel pass has no logit transform (refused earlier, in `_parallel.sharded_vocab`)."""
+    if scale != 1.0 or softcap is not None:
+        raise ValueError("logit_scale / logit_softcap with tp_group: the vocabulary-parallel pass has no transform")

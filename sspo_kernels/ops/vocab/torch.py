@@ -148,6 +148,20 @@ def _load(x: torch.Tensor, s: torch.Tensor, tau: float) -> None:
         s.div_(tau)
 
 
+def _transformed(x: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """The logits' transform before the temperature, a new fp32 tensor: scale * x, soft-capped to
+    softcap * tanh(. / softcap) when given (docs/loss.md "Token quantities")."""
+    u = x.float() * scale
+    return u if softcap is None else torch.tanh(u.div_(softcap)).mul_(softcap)
+
+
+def _transform_slope(x: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """d transform / dx (fp32): scale, times 1 - tanh^2 = 1 / cosh^2 with the soft-cap (0 at +-inf)."""
+    if softcap is None:
+        return torch.full_like(x, scale, dtype=torch.float32)
+    return torch.cosh(x.float() * (scale / softcap)).pow_(-2).mul_(scale)
+
+
 def _log_sum(s_y: torch.Tensor, sum_other: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """log S from S = sum_{v != y} e^s + e^{s_y} (s shifted by the row max): log1p of the other terms
     when y is the argmax (s_y = 0), where fl(S) = 1 + tiny would lose them as p_y -> 1."""
@@ -173,11 +187,15 @@ def _fwd_chunk(x: torch.Tensor, col: torch.Tensor, tau: float, s: torch.Tensor, 
     torch.nansum(e.mul_(s), -1, out=t)
 
 
-def _target_logits(pieces: list[tuple[int, torch.Tensor]], y: torch.Tensor, tau: float, out: torch.Tensor) -> None:
-    """out (N,) fp32 <- z at each row's target, rounded as `_load` rounds it: one gather per piece."""
+def _target_logits(
+    pieces: list[tuple[int, torch.Tensor]], y: torch.Tensor, tau: float, out: torch.Tensor, transform=None
+) -> None:
+    """out (N,) fp32 <- z at each row's target, rounded as `_load` rounds it: one gather per piece
+    (`transform`: (scale, softcap) of the logits, or None)."""
     for row0, piece in pieces:
         rows = slice(row0, row0 + piece.shape[0])
-        out[rows] = torch.gather(piece, 1, y[rows, None])[:, 0]
+        target = torch.gather(piece, 1, y[rows, None])[:, 0]
+        out[rows] = target if transform is None else _transformed(target, *transform)
     if tau != 1.0:
         out.div_(tau)
 
@@ -261,9 +279,9 @@ def _bwd_chunk(x, y, mask, g, e, tau: float, s, p, out) -> None:
 # ---------------------------------------------------------------- torch.compile variants
 
 
-def _fwd_chunk_fused(x: torch.Tensor, y: torch.Tensor, tau: float) -> tuple[torch.Tensor, ...]:
+def _fwd_chunk_fused(x: torch.Tensor, y: torch.Tensor, tau: float, scale: float = 1.0, softcap=None):
     """`_fwd_chunk` in functional form, for inductor to fuse into a couple of loops."""
-    z = x.float() / tau
+    z = _transformed(x, scale, softcap) / tau
     m = z.amax(-1, keepdim=True)
     s = z - m
     onehot = torch.arange(x.shape[1], device=x.device) == y[:, None]
@@ -278,9 +296,9 @@ def _fwd_chunk_fused(x: torch.Tensor, y: torch.Tensor, tau: float) -> tuple[torc
     return m.squeeze(1) + log_sum, log_sum - t / total, s_y - log_sum
 
 
-def _bwd_chunk_fused(x, y, mask, g, e, tau: float, out: torch.Tensor) -> None:
+def _bwd_chunk_fused(x, y, mask, g, e, tau: float, out: torch.Tensor, scale: float = 1.0, softcap=None) -> None:
     """`_bwd_chunk` in functional form, writing into out (inductor fuses the store)."""
-    z = torch.where(mask[:, None], x.float() / tau, 0.0)
+    z = torch.where(mask[:, None], _transformed(x, scale, softcap) / tau, 0.0)
     s = (z - z.amax(-1, keepdim=True)).clamp(min=_NO_PROB)
     onehot = torch.arange(x.shape[1], device=x.device) == y[:, None]
     s_y = s.gather(1, y[:, None]).squeeze(1)
@@ -295,7 +313,10 @@ def _bwd_chunk_fused(x, y, mask, g, e, tau: float, out: torch.Tensor) -> None:
         mean = ((p * s).sum(-1) + p_y * s_y) * (tau * k)
         target = target - e * p_y * (s_y - mean)
         grad = -p * (k[:, None] * (g[:, None] + e[:, None] * (s - mean[:, None])))
-    out.copy_(torch.where(onehot, (target * k)[:, None], grad))
+    grad = torch.where(onehot, (target * k)[:, None], grad)
+    if scale != 1.0 or softcap is not None:
+        grad = grad * torch.where(mask[:, None], _transform_slope(x, scale, softcap), 0.0)
+    out.copy_(grad)
 
 
 @functools.cache
@@ -319,6 +340,8 @@ def logprob_entropy_fwd(
     mask: torch.Tensor,
     temperature: float,
     *,
+    scale: float = 1.0,
+    softcap: float | None = None,
     chunk_size: int | None = None,
     use_compile: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -330,8 +353,11 @@ def logprob_entropy_fwd(
     masked-out rows, and rows: (5, N) float32 (`_fwd_chunk`'s statistics, garbage where masked out;
     None with `use_compile`). `chunk_size` rows at a time (default `vocab_chunk_rows`).
     `use_compile` runs each chunk through `torch.compile` (off by default: see the module docstring).
+    scale, softcap: the logits' transform before the temperature (`_transformed`; a (C, V) fp32 copy
+    of each chunk when set).
     """
     y, mask = _check(logits, tokens, mask, chunk_size)
+    transform = None if scale == 1.0 and softcap is None else (float(scale), softcap)
     n, vocab = y.shape[0], logits.shape[-1]
     device = logits.device
     chunk = chunk_size or vocab_chunk_rows(vocab, logits.dtype)
@@ -342,18 +368,20 @@ def logprob_entropy_fwd(
         for r0, r1, x in _chunks(_row_pieces(logits), chunk):
             args = (x, y[r0:r1])
             _rows_dynamic(*args)
-            for out, value in zip(outs, _compiled(_fwd_chunk_fused)(*args, tau)):
+            for out, value in zip(outs, _compiled(_fwd_chunk_fused)(*args, tau, *(transform or (1.0, None)))):
                 torch.where(mask[r0:r1], value, zero, out=out[r0:r1])
         stats = None
     else:
         # per-chunk work is the (C, V) passes only; the per-row maths runs once over all rows
         stats = new_empty((5, n), torch.float32, device)
         pieces = _row_pieces(logits)
-        _target_logits(pieces, y, tau, stats[1])
+        _target_logits(pieces, y, tau, stats[1], transform)
         work = _workspace(2, min(chunk, n), vocab, device)
         y_col, m_col, sum_other, t = y[:, None], stats[0][:, None], stats[3], stats[4]
         for r0, r1, x in _chunks(pieces, chunk):
             ws = work if r1 - r0 == chunk else [w[: r1 - r0] for w in work]
+            if transform is not None:  # the chunk's transformed logits, fp32
+                x = _transformed(x, *transform)
             _fwd_chunk(x, y_col[r0:r1], tau, *ws, m_col[r0:r1], sum_other[r0:r1], t[r0:r1])
         outs = [torch.where(mask, value, zero) for value in _fwd_finish(stats)]
     lse, entropy, logp = outs
@@ -373,6 +401,8 @@ def logprob_entropy_bwd(
     grad_entropy: torch.Tensor | None,
     temperature: float,
     *,
+    scale: float = 1.0,
+    softcap: float | None = None,
     inplace: bool = False,
     logp: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
@@ -387,11 +417,13 @@ def logprob_entropy_bwd(
     statistics are recomputed from its logits, as log p + H = s - E_p[s] needs every s. _lse, _entropy
     and logp are accepted for the launchers' common signature and not read: the rounded fp32 lse and H
     do not give these to full precision. Returns a tensor shaped like logits in its dtype, zero at
-    masked-out rows; with `inplace=True` it is the logits buffer itself, overwritten. `chunk_size` and
-    `use_compile` as in `logprob_entropy_fwd`.
+    masked-out rows; with `inplace=True` it is the logits buffer itself, overwritten. `chunk_size`,
+    `use_compile`, `scale` and `softcap` as in `logprob_entropy_fwd`: with a transform, each chunk's
+    gradient is taken with respect to the transformed logits, then times the transform's slope.
     """
     del _lse, _entropy, logp
     y, mask = _check(logits, tokens, mask, chunk_size)
+    transform = None if scale == 1.0 and softcap is None else (float(scale), softcap)
     n, vocab = y.shape[0], logits.shape[-1]
     tau = float(temperature)
     # Per-row factors, zero where masked out (whatever the caller stored there).
@@ -400,16 +432,18 @@ def logprob_entropy_bwd(
     no_entropy = factors[1] is None and not use_compile
     if no_entropy:  # (N, 1) columns, sliced per chunk; one workspace only to load non-fp32 or z / tau
         if rows is None:
-            rows = logprob_entropy_fwd(logits, tokens, mask, tau, chunk_size=chunk_size)[3]
+            rows = logprob_entropy_fwd(logits, tokens, mask, tau, scale=scale, softcap=softcap, chunk_size=chunk_size)[
+                3
+            ]
         shift, _, e_y, sum_other, _ = rows
         g_over_s = factors[0] / (tau * (sum_other + e_y))
-        scale = torch.where(mask, -g_over_s, 0.0)[:, None]
+        row_scale = torch.where(mask, -g_over_s, 0.0)[:, None]
         target = torch.where(mask, g_over_s * sum_other, 0.0)[:, None]  # g (1 - p_y) / tau
         y_col, shift = y[:, None], shift[:, None]
         # one host read of the mask, on the CPU only (free there; a sync on a GPU, a graph break
         # under torch.compile): a batch without padding skips a pass per chunk
         all_kept = mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all())
-        count = 0 if logits.dtype == torch.float32 and tau == 1.0 else 1
+        count = 0 if logits.dtype == torch.float32 and tau == 1.0 and transform is None else 1
     else:
         count = 0 if use_compile else 2
     grad = logits if inplace else reusable_empty(logits.shape, logits.dtype, logits.device)
@@ -417,14 +451,22 @@ def logprob_entropy_bwd(
     work = _workspace(count, min(chunk, n), vocab, logits.device)
     for r0, r1, x in _chunks(_row_pieces(logits), chunk):
         out = x if inplace else grad_rows[r0:r1]
+        final, slope = out, None
+        if transform is not None and not use_compile:
+            # the gradient with respect to the transformed logits, in their own fp32 buffer, then the slope
+            # (a masked-out row's garbage must not turn its zero gradient into 0 * NaN)
+            slope = torch.where(mask[r0:r1, None], _transform_slope(x, *transform), 0.0)
+            x = out = _transformed(x, *transform)
         if no_entropy:
-            cols = (y_col[r0:r1], shift[r0:r1], scale[r0:r1], target[r0:r1])
+            cols = (y_col[r0:r1], shift[r0:r1], row_scale[r0:r1], target[r0:r1])
             _bwd_chunk_logp(x, *cols, tau, work[0][: r1 - r0] if work else None, out, all_kept)
-            continue
-        args = (x, y[r0:r1], mask[r0:r1], *(None if t is None else t[r0:r1] for t in factors), tau)
-        if use_compile:
-            _rows_dynamic(*(a for a in args[:-1] if a is not None), out)
-            _compiled(_bwd_chunk_fused)(*args, out)
         else:
-            _bwd_chunk(*args, *(w[: r1 - r0] for w in work), out)
+            args = (x, y[r0:r1], mask[r0:r1], *(None if t is None else t[r0:r1] for t in factors), tau)
+            if use_compile:
+                _rows_dynamic(*(a for a in args[:-1] if a is not None), out)
+                _compiled(_bwd_chunk_fused)(*args, out, *(transform or (1.0, None)))
+            else:
+                _bwd_chunk(*args, *(w[: r1 - r0] for w in work), out)
+        if slope is not None:
+            final.copy_(out.mul_(slope))
     return grad

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from sspo_kernels._options import check_temperature
 from sspo_kernels._utils import new_empty
-from sspo_kernels.ops.vocab.blocks import VocabBlockConfig, vocab_block_config
+from sspo_kernels.ops.vocab.blocks import VocabBlockConfig, interpreting, transform_block_config, vocab_block_config
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # start value of the running max: below every finite logit, yet x - m never becomes inf - inf
@@ -61,7 +61,31 @@ def _one_minus_exp(u):
 
 
 @triton.jit
-def _row_stats(p_row, i_y32, b_xy, V, inv_tau, BLOCK_V: tl.constexpr):
+def _transform(x, scale, softcap, TRANSFORM: tl.constexpr):
+    """The logits' transform before the temperature (fp32 x): x (0), scale * x (1), or softcap *
+    tanh(scale * x / softcap) (2); tanh from Kahan's 1 - e^u, accurate near 0 (no libdevice)."""
+    if TRANSFORM == 0:
+        return x
+    u = x * scale
+    if TRANSFORM == 1:
+        return u
+    a = tl.abs(u / softcap)
+    t = _one_minus_exp(-2.0 * a) / (1.0 + tl.exp(-2.0 * a))
+    return softcap * tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def _transform_slope(x, scale, softcap, TRANSFORM: tl.constexpr):
+    """d transform / dx: scale, times 1 - tanh^2 = 4 e / (1 + e)^2 (e = exp(-2 |u|)) with the soft-cap."""
+    if TRANSFORM == 2:
+        e = tl.exp(-2.0 * tl.abs(x * scale / softcap))
+        return scale * (4.0 * e / ((1.0 + e) * (1.0 + e)))
+    else:
+        return tl.zeros_like(x) + scale  # also where x is -inf: no 0 * inf
+
+
+@triton.jit
+def _row_stats(p_row, i_y32, b_xy, V, inv_tau, scale, softcap, BLOCK_V: tl.constexpr, TRANSFORM: tl.constexpr):
     """One pass over a row: the max m of its raw logits and, with d_v = (x_v - m) / tau,
 
         d_y, log S (S = sum_v e^d) and mu = E_p[d] = sum_v e^d d / S.
@@ -77,6 +101,8 @@ def _row_stats(p_row, i_y32, b_xy, V, inv_tau, BLOCK_V: tl.constexpr):
         m_v = o_v < V
         # [BLOCK_V]
         b_x = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
+        if TRANSFORM > 0:  # the masked lanes stay -inf
+            b_x = tl.where(m_v, _transform(b_x, scale, softcap, TRANSFORM), float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_x, 0))
         b_shift = tl.maximum(b_m - b_m_new, MIN_SHIFT) * inv_tau
         b_a = tl.exp2(b_shift * LOG2E)
@@ -109,7 +135,10 @@ def logprob_entropy_fwd_kernel(
     stride_b,
     stride_t,
     inv_tau,
+    scale,
+    softcap,
     BLOCK_V: tl.constexpr,
+    TRANSFORM: tl.constexpr,
 ):
     i_r = tl.program_id(0).to(tl.int64) + row_start
     p_row = logits_ptr + (i_r // T) * stride_b + (i_r % T) * stride_t
@@ -117,8 +146,9 @@ def logprob_entropy_fwd_kernel(
         i_y = tl.load(tokens_ptr + i_r)
         m_y = (i_y >= 0) & (i_y < V)
         # an out-of-range target is never read: its logp comes out NaN
-        b_xy = tl.load(p_row + i_y, mask=m_y, other=float("nan")).to(tl.float32)
-        b_m, b_dy, b_log_s, b_mu = _row_stats(p_row, tl.where(m_y, i_y, -1).to(tl.int32), b_xy, V, inv_tau, BLOCK_V)
+        b_xy = _transform(tl.load(p_row + i_y, mask=m_y, other=float("nan")).to(tl.float32), scale, softcap, TRANSFORM)
+        i_y32 = tl.where(m_y, i_y, -1).to(tl.int32)
+        b_m, b_dy, b_log_s, b_mu = _row_stats(p_row, i_y32, b_xy, V, inv_tau, scale, softcap, BLOCK_V, TRANSFORM)
         tl.store(logp_ptr + i_r, b_dy - b_log_s)
         tl.store(entropy_ptr + i_r, b_log_s - b_mu)
         tl.store(lse_ptr + i_r, b_m * inv_tau + b_log_s)
@@ -147,8 +177,11 @@ def logprob_entropy_bwd_kernel(
     stride_gb,
     stride_gt,
     inv_tau,
+    scale,
+    softcap,
     BLOCK_V: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
+    TRANSFORM: tl.constexpr,
 ):
     i_r = tl.program_id(0).to(tl.int64) + row_start
     i_b = i_r // T
@@ -159,7 +192,7 @@ def logprob_entropy_bwd_kernel(
         i_y = tl.load(tokens_ptr + i_r)
         m_y = (i_y >= 0) & (i_y < V)
         i_y32 = tl.where(m_y, i_y, -1).to(tl.int32)
-        b_xy = tl.load(p_row + i_y, mask=m_y, other=0.0).to(tl.float32)
+        b_xy = _transform(tl.load(p_row + i_y, mask=m_y, other=0.0).to(tl.float32), scale, softcap, TRANSFORM)
         # In place, the loop below overwrites this row, x_y included, while other warps of this program
         # may not have loaded x_y yet: every warp must hold it before any store (one bar.sync per row).
         tl.debug_barrier()
@@ -181,18 +214,23 @@ def logprob_entropy_bwd_kernel(
             # lse are each off by ~ulp(log V)), so a first pass over the row recomputes it, shifted by
             # the row max m: d - E_p[d] is then accurate on near-uniform rows and at the argmax.
             b_ge = tl.load(grad_entropy_ptr + i_r)
-            b_m, _, _, b_mu = _row_stats(p_row, i_y32, b_xy, V, inv_tau, BLOCK_V)
+            b_m, _, _, b_mu = _row_stats(p_row, i_y32, b_xy, V, inv_tau, scale, softcap, BLOCK_V, TRANSFORM)
         for i_v in range(0, V, BLOCK_V):
             o_v = i_v + tl.arange(0, BLOCK_V)
             m_v = o_v < V
             # [BLOCK_V]
             b_x = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32)
+            if TRANSFORM > 0:  # dLoss/dx = dLoss/du * du/dx, the slope from the raw logit
+                b_slope = _transform_slope(b_x, scale, softcap, TRANSFORM)
+                b_x = tl.where(m_v, _transform(b_x, scale, softcap, TRANSFORM), float("-inf"))
             b_p = tl.exp2(((b_x - b_xref) * inv_tau + b_c) * LOG2E)
             # the target entry g * (1 - p) is formed in fp32, before the single rounding at the store
             b_grad = tl.where(o_v == i_y32, b_g * b_q, -b_g * b_p)
             if HAS_GRAD_ENTROPY:
                 # p (log p + H) -> 0 where p underflows or the logit is -inf
                 b_grad -= b_ge * b_p * tl.where(b_p > 0, (b_x - b_m) * inv_tau - b_mu, 0.0)
+            if TRANSFORM > 0:
+                b_grad = b_grad * b_slope
             tl.store(p_grad + o_v, (b_grad * inv_tau).to(grad_logits_ptr.dtype.element_ty), mask=m_v)
     else:
         for i_v in range(0, V, BLOCK_V):
@@ -223,6 +261,11 @@ def _check_logits(logits: torch.Tensor) -> None:
         raise ValueError("logits has an empty vocabulary dimension")
 
 
+def transform_id(scale: float, softcap: float | None) -> int:
+    """The kernels' TRANSFORM constexpr: 0 none, 1 a scale, 2 a scale and a soft-cap."""
+    return 2 if softcap is not None else 0 if float(scale) == 1.0 else 1
+
+
 def _per_row(name: str, x: torch.Tensor, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """x as a contiguous (n,) tensor of the given dtype (a copy only when needed)."""
     if not isinstance(x, torch.Tensor):
@@ -246,9 +289,10 @@ def _row_range(n: int, row_start: int, num_rows: int | None) -> int:
     return num_rows
 
 
-def _launch_config(v: int, dtype: torch.dtype, config: tuple[int, int] | None) -> VocabBlockConfig:
+def _launch_config(v: int, dtype: torch.dtype, config: tuple[int, int] | None, transform: int = 0) -> VocabBlockConfig:
     if config is None:
-        return vocab_block_config(v, dtype)
+        block = vocab_block_config(v, dtype)
+        return transform_block_config(block) if transform and not interpreting() else block
     block_v, num_warps = config
     if block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"config block_v must be a power of 2, got {block_v}")
@@ -261,11 +305,14 @@ def logprob_entropy_fwd(
     mask: torch.Tensor,
     temperature: float,
     *,
+    scale: float = 1.0,
+    softcap: float | None = None,
     row_start: int = 0,
     num_rows: int | None = None,
     config: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row log p(y), entropy and logsumexp of z = logits / temperature.
+    """Per-row log p(y), entropy and logsumexp of z = transform(logits) / temperature, the transform
+    `scale * x`, soft-capped to `softcap * tanh(. / softcap)` when `softcap` is given.
 
     logits: (N, V) or (B, T, V), bf16 / fp16 / fp32 (fp64 is read and computed in fp32); any row
         strides are read in place; a last stride other than 1 costs a copy.
@@ -292,7 +339,7 @@ def logprob_entropy_fwd(
     lse = new_empty((n,), torch.float32, device)
     if num_rows == 0:
         return logp, entropy, lse
-    block_v, num_warps = _launch_config(v, logits.dtype, config)
+    block_v, num_warps = _launch_config(v, logits.dtype, config, transform_id(scale, softcap))
     logprob_entropy_fwd_kernel[(num_rows,)](
         logits,
         tokens,
@@ -306,7 +353,10 @@ def logprob_entropy_fwd(
         stride_b,
         stride_t,
         inv_tau,
+        scale,
+        softcap or 1.0,
         BLOCK_V=block_v,
+        TRANSFORM=transform_id(scale, softcap),
         num_warps=num_warps,
     )
     return logp, entropy, lse
@@ -322,6 +372,8 @@ def logprob_entropy_bwd(
     grad_entropy: torch.Tensor | None,
     temperature: float,
     *,
+    scale: float = 1.0,
+    softcap: float | None = None,
     inplace: bool = False,
     logp: torch.Tensor | None = None,
     rows: None = None,
@@ -341,6 +393,7 @@ def logprob_entropy_bwd(
         p = exp(z - lse) carries the rounding of the fp32 lse, a relative error of ~eps32 * |lse|
         (4e-5 at lse ~ 1e3, 4e-6 at lse ~ 30), and 1 - p_y the same absolute error.
     rows: the torch pass's row statistics, accepted for the common signature; this forward has none.
+    scale, softcap: the forward's logit transform; the gradient is taken through it.
     inplace: write the gradient over the logits buffer and return logits itself (needs a unit last
         stride); otherwise return a new contiguous tensor shaped like logits.
     row_start, num_rows, config: as in `logprob_entropy_fwd`; rows outside the range are not written.
@@ -377,10 +430,11 @@ def logprob_entropy_bwd(
         stride_gt = grad_logits.stride(-2)
     if num_rows == 0:
         return grad_logits
-    block_v, num_warps = _launch_config(v, logits.dtype, config)
+    block_v, num_warps = _launch_config(v, logits.dtype, config, transform_id(scale, softcap))
     logprob_entropy_bwd_kernel[(num_rows,)](
         logits, tokens, mask, lse, logp, entropy, grad_logp, grad_entropy, grad_logits,
-        row_start, v, t, stride_b, stride_t, stride_gb, stride_gt, inv_tau,
-        BLOCK_V=block_v, HAS_GRAD_ENTROPY=has_grad_entropy, num_warps=num_warps,
+        row_start, v, t, stride_b, stride_t, stride_gb, stride_gt, inv_tau, scale, softcap or 1.0,
+        BLOCK_V=block_v, HAS_GRAD_ENTROPY=has_grad_entropy, TRANSFORM=transform_id(scale, softcap),
+        num_warps=num_warps,
     )  # fmt: skip
     return grad_logits
