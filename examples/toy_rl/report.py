@@ -13,6 +13,8 @@ SUMMARY_KEYS = (
     "clip_frac_low",
     "clip_frac_high",
     "fully_clipped",
+    "utilisation",
+    "token_utilisation",
     "ratio_min",
     "ratio_max",
     "approx_kl",
@@ -77,17 +79,24 @@ def format_checks(methods: dict[str, dict]) -> str:
     for name, m in methods.items():
         c = m["checks"]
         worst_frac = max(c[f"max_abs_diff_{k}"] for k in ("clip_frac_low", "clip_frac_high", "clip_frac"))
+        clipped = c.get("clipped_vs_zero_grad_tokens")
         lines.append(
             f"check {name}: clip fractions within {worst_frac:.1e}, KL within {c['max_abs_diff_approx_kl']:.1e}, "
             f"ratio range within {c['max_rel_diff_ratio_range']:.1e} (relative) of the loop's recomputation; "
-            f"{c['clipped_vs_zero_grad_tokens']} token(s) where clipped != zero gradient, "
+            + ("" if clipped is None else f"{clipped} token(s) where clipped != zero gradient, ")
+            + f"{c['zero_grad_vs_predicted_tokens']} token(s) where zero gradient != predicted, "
             f"{c['fully_clipped_vs_predicted']} response(s) where fully clipped != predicted"
         )
-        if c["clipped_tokens_reported_vs_recomputed"]:
+        if c["negligible_grad_tokens"]:
             lines.append(
-                f"      {c['clipped_tokens_reported_vs_recomputed']} token(s) counted clipped by one side only: "
-                f"their segment ratio lies within {c['max_bound_margin_where_counts_differ']:.1e} (relative) of its "
-                "bound, where fp32 (the loss) and float64 (the loop) round differently"
+                f"      {c['negligible_grad_tokens']} token(s) whose float64 gradient lay below 1e-6 |A| max(rho, 1), "
+                "where the fp32 loss may give exactly 0: counted as the loss gave them"
+            )
+        if c["updates_with_a_difference"]:
+            lines.append(
+                f"      {c['updates_with_a_difference']} update(s) with a token counted differently by the loss and "
+                f"the loop: the nearest clipped quantity lay within {c['max_bound_margin_where_counts_differ']:.1e} "
+                "(relative) of its bound, where fp32 (the loss) and float64 (the loop) may round differently"
             )
     return "\n".join(lines)
 

@@ -14,37 +14,17 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from examples.toy_rl.measure import ClipRule, gradient_counts, recompute_metrics, segment_index
+from examples.toy_rl.measure import HARD_CLIP, gradient_counts, recompute_metrics, segment_index
+from examples.toy_rl.methods import DEFAULT_METHODS, Method
 from examples.toy_rl.policy import GRUPolicy
 from examples.toy_rl.task import SortTask
 from sspo_kernels import sspo_loss_from_hidden
 
 # What the loss reports and the loop recomputes, per update (the curves average them per iteration).
-CHECKED_METRICS = ("clip_frac_low", "clip_frac_high", "clip_frac", "ratio_min", "ratio_max", "approx_kl")
-
-
-@dataclass(frozen=True)
-class Method:
-    """A named granularity with its clip rule (the package's defaults, passed explicitly)."""
-
-    name: str
-    rule: ClipRule
-
-    def loss_options(self, boundary: torch.Tensor) -> dict:
-        r = self.rule
-        options = dict(granularity=r.granularity, eps_low=r.eps_low, eps_high=r.eps_high, backend="torch")
-        options.update(entropy_gamma=r.entropy_gamma, k_min=r.k_min, k_max=r.k_max)
-        options.update(log_ratio_clamp=r.log_ratio_clamp, entropy_ref="batch")
-        if r.granularity == "subsentence":
-            options["boundary"] = boundary
-        return options
-
-
-DEFAULT_METHODS: tuple[Method, ...] = (
-    Method("GRPO", ClipRule("token", 0.2, 0.28)),
-    Method("GSPO", ClipRule("sequence", 3e-4, 4e-4)),
-    Method("SSPO", ClipRule("subsentence", 8e-3, 1.1e-2, entropy_gamma=0.5)),
-)
+CHECKED_METRICS = (
+    "clip_frac_low", "clip_frac_high", "clip_frac", "ratio_min", "ratio_max", "approx_kl", "vespo_phi_mean",
+)  # fmt: skip
+__all__ = ["DEFAULT_METHODS", "Method", "RLConfig", "evaluate", "run_method", "summarise_run"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +83,9 @@ def _update(policy, opt, method, boundary, batch, old_logprobs) -> dict:
     mine = recompute_metrics(out.logprobs, old_logprobs, out.entropy, mask, seg, adv, method.rule)
     grads = gradient_counts(hidden.grad, mask, adv)
     n_tokens = int(mask.sum())
+    predicted = mine["predicted_zero_grad"] & grads["active"][:, None]
+    negligible = mine["negligible"] & grads["active"][:, None]  # either answer is right there
+    in_doubt = negligible.any(dim=1)
     return {
         **reported,
         "recomputed": {k: mine[k] for k in CHECKED_METRICS},
@@ -111,9 +94,14 @@ def _update(policy, opt, method, boundary, batch, old_logprobs) -> dict:
         "clipped_tokens_recomputed": mine["clipped_tokens"],
         "bound_margin": mine["bound_margin"],
         "zero_grad_tokens": int(grads["zero_grad_tokens"]),
+        "zero_grad_predicted": int(predicted.sum()),
+        "zero_grad_mismatch": int(((grads["zero_grad"] != predicted) & ~negligible).sum()),
+        "negligible_tokens": int(negligible.sum()),
         "active": int(grads["active"].sum()),
+        "active_tokens": int(grads["active_tokens"]),
         "fully_clipped": int(grads["fully_clipped"].sum()),
         "fully_clipped_predicted": int(mine["predicted_fully_clipped"].sum()),
+        "fully_clipped_mismatch": int(((grads["fully_clipped"] != mine["predicted_fully_clipped"]) & ~in_doubt).sum()),
     }
 
 
@@ -170,35 +158,57 @@ def run_method(
     return log
 
 
-def summarise_run(log: RunLog) -> dict:
+def summarise_run(log: RunLog, objective: str = "clip") -> dict:
     """Run-level numbers: clip fractions and KL averaged over updates, ratio range over all updates,
-    fully clipped = fully clipped responses / responses with A != 0 over all updates; and `checks`,
-    the largest gaps between the loss's metrics and the loop's measurements."""
+    fully clipped = fully clipped responses / responses with A != 0 over all updates, utilisation =
+    1 - fully clipped (responses with A != 0 that got a non-zero gradient), token utilisation = the
+    same share of their tokens; and `checks`, the largest gaps between the loss's metrics and the
+    loop's measurements (`clipped_vs_zero_grad_tokens` only for objectives whose clip stops a gradient)."""
     ups = log.updates
     mean = lambda k: sum(u[k] for u in ups) / len(ups)
-    active = sum(u["active"] for u in ups)
+    total = lambda k: sum(u[k] for u in ups)
+    active = total("active")
     rel = lambda a, b: abs(a - b) / max(abs(b), 1e-12)
+    differing = [
+        u for u in ups
+        if u["clipped_tokens_reported"] != u["clipped_tokens_recomputed"] or u["zero_grad_mismatch"]
+        or u["fully_clipped_mismatch"]
+    ]  # fmt: skip
+    # clip fractions: on the updates where the loss and the loop count the same tokens clipped (the others
+    # are listed by `updates_with_a_difference` and the margin of their nearest tie)
+    agreeing = [u for u in ups if u["clipped_tokens_reported"] == u["clipped_tokens_recomputed"]] or [ups[0]]
     checks = {
-        f"max_abs_diff_{k}": max(abs(u[k] - u["recomputed"][k]) for u in ups)
-        for k in ("clip_frac_low", "clip_frac_high", "clip_frac", "approx_kl")
+        f"max_abs_diff_{k}": max(abs(u[k] - u["recomputed"][k]) for u in agreeing)
+        for k in ("clip_frac_low", "clip_frac_high", "clip_frac")
     }
+    for k in ("approx_kl", "vespo_phi_mean"):
+        checks[f"max_abs_diff_{k}"] = max(abs(u[k] - u["recomputed"][k]) for u in ups)
     checks["max_rel_diff_ratio_range"] = max(
         max(rel(u["ratio_min"], u["recomputed"]["ratio_min"]), rel(u["ratio_max"], u["recomputed"]["ratio_max"]))
         for u in ups
     )
-    checks["clipped_vs_zero_grad_tokens"] = sum(abs(u["clipped_tokens_reported"] - u["zero_grad_tokens"]) for u in ups)
+    checks["zero_grad_vs_predicted_tokens"] = total("zero_grad_mismatch")
+    if objective in HARD_CLIP:
+        checks["clipped_vs_zero_grad_tokens"] = sum(
+            abs(u["clipped_tokens_reported"] - u["zero_grad_tokens"]) for u in ups
+        )
     checks["clipped_tokens_reported_vs_recomputed"] = sum(
         abs(u["clipped_tokens_reported"] - u["clipped_tokens_recomputed"]) for u in ups
     )
-    differing = [u for u in ups if u["clipped_tokens_reported"] != u["clipped_tokens_recomputed"]]
-    checks["max_bound_margin_where_counts_differ"] = max((u["bound_margin"] for u in differing), default=0.0)
-    checks["fully_clipped_vs_predicted"] = sum(abs(u["fully_clipped"] - u["fully_clipped_predicted"]) for u in ups)
+    checks["updates_with_a_difference"] = len(differing)
+    margins = [u["bound_margin"] for u in differing]
+    checks["max_bound_margin_where_counts_differ"] = max((1.0 if m is None else m for m in margins), default=0.0)
+    checks["fully_clipped_vs_predicted"] = total("fully_clipped_mismatch")
+    checks["negligible_grad_tokens"] = total("negligible_tokens")
     checks["max_old_logprob_gap"] = max(u.get("old_logprob_gap", 0.0) for u in ups)
+    fully = total("fully_clipped") / max(active, 1)
     return {
         "clip_frac_low": mean("clip_frac_low"),
         "clip_frac_high": mean("clip_frac_high"),
         "clip_frac": mean("clip_frac"),
-        "fully_clipped": sum(u["fully_clipped"] for u in ups) / max(active, 1),
+        "fully_clipped": fully,
+        "utilisation": 1.0 - fully if active else 0.0,
+        "token_utilisation": 1.0 - total("zero_grad_tokens") / max(total("active_tokens"), 1),
         "ratio_min": min(u["ratio_min"] for u in ups),
         "ratio_max": max(u["ratio_max"] for u in ups),
         "approx_kl": mean("approx_kl"),

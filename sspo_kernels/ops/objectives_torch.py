@@ -79,7 +79,7 @@ def sapo(t: Terms) -> Policy:
     """SAPO: P = -A f(rho), f(x) = sigmoid(tau (x - 1)) 4 / tau, tau by the sign of A."""
     tau = torch.where(t.adv > 0, t.cfg.sapo_tau_pos, t.cfg.sapo_tau_neg)
     gate = torch.sigmoid(tau * (t.rho - 1))
-    slope = -t.adv * 4 * gate * (1 - gate)
+    slope = -t.adv * 4 * gate * torch.sigmoid(tau * (1 - t.rho))  # 1 - gate without cancelling far from 1
     none = _zeros_bool(t.adv)
     return Policy(-t.adv * gate * 4 / tau, slope, torch.zeros_like(t.adv), none, none)
 

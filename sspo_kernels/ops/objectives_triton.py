@@ -68,9 +68,10 @@ def _objective_sapo(rho, adv, tau_pos, tau_neg):
     """SAPO: P = -A sigmoid(tau (rho - 1)) 4 / tau, tau by the sign of A; dP/drho = -A 4 s (1 - s)."""
     tau = tl.where(adv > 0, tau_pos, tau_neg)
     gate = tl.sigmoid(tau * (rho - 1.0))
+    other = tl.sigmoid(tau * (1.0 - rho))  # 1 - gate without cancelling far from rho = 1
     return (
         -adv * gate * 4.0 / tau,
-        -adv * 4.0 * gate * (1.0 - gate),
+        -adv * 4.0 * gate * other,
         tl.zeros_like(adv),
         _never(adv),
         _never(adv),
