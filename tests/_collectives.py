@@ -1,11 +1,38 @@
-"""Counting the torch.distributed collectives a piece of code issues (tests/test_distributed.py)."""
+"""Multi-process tests: counting the torch.distributed collectives a piece of code issues, and running a
+worker in several spawned processes (tests/test_distributed.py, test_token_logprobs_tp.py,
+test_integration_trl_dist.py)."""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+import time
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def spawn_ranks(
+    worker: Callable, world: int, deadline_s: float, prefix: str, make_args: Callable[[str], tuple]
+) -> list[dict]:
+    """Run `worker(rank, *make_args(tmp))` in `world` spawned processes (each writes `tmp/rank{r}.json`)
+    and return what every rank wrote; a TimeoutError, the processes killed, past `deadline_s`."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        context = mp.spawn(worker, args=make_args(tmp), nprocs=world, join=False)
+        deadline = time.monotonic() + deadline_s
+        while not context.join(timeout=2):
+            if time.monotonic() > deadline:
+                for p in context.processes:
+                    p.kill()
+                raise TimeoutError(f"the {world}-process run passed its {deadline_s:.0f} s deadline")
+        out = []
+        for rank in range(world):
+            with open(os.path.join(tmp, f"rank{rank}.json")) as f:
+                out.append(json.load(f))
+        return out
 
 
 class Counter:

@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from datetime import timedelta
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from _collectives import spawn_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -65,20 +64,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def _launch(world: int) -> list[dict]:
-    with tempfile.TemporaryDirectory(prefix=f"sspo-dist{world}-") as tmp:
-        init_file = os.path.join(tmp, "init")
-        context = mp.spawn(_worker, args=(world, init_file, tmp), nprocs=world, join=False)
-        deadline = time.monotonic() + DEADLINE_S[world]
-        while not context.join(timeout=2):
-            if time.monotonic() > deadline:
-                for p in context.processes:
-                    p.kill()
-                raise TimeoutError(f"the {world}-process run passed its {DEADLINE_S[world]} s deadline")
-        out = []
-        for rank in range(world):
-            with open(os.path.join(tmp, f"rank{rank}.json")) as f:
-                out.append(json.load(f))
-        return out
+    return spawn_ranks(
+        _worker, world, DEADLINE_S[world], f"sspo-dist{world}-", lambda tmp: (world, os.path.join(tmp, "init"), tmp)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 from datetime import timedelta
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from _collectives import spawn_ranks
 
 pytest.importorskip("trl")
 from test_integration_trl import gpt2_tokenizer, tiny_qwen2
@@ -189,19 +188,8 @@ def _worker(rank: int, init_file: str, model_path: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     model_dir = tiny_qwen2(gpt2_tokenizer(), tmp_path_factory.mktemp("tiny_qwen2"))
-    with tempfile.TemporaryDirectory(prefix="sspo-trl-dist-") as tmp:
-        context = mp.spawn(_worker, args=(os.path.join(tmp, "init"), model_dir, tmp), nprocs=WORLD, join=False)
-        deadline = time.monotonic() + DEADLINE_S
-        while not context.join(timeout=2):
-            if time.monotonic() > deadline:
-                for p in context.processes:
-                    p.kill()
-                raise TimeoutError(f"the {WORLD}-process run passed its {DEADLINE_S} s deadline")
-        out = []
-        for rank in range(WORLD):
-            with open(os.path.join(tmp, f"rank{rank}.json")) as f:
-                out.append(json.load(f))
-    return out
+    make_args = lambda tmp: (os.path.join(tmp, "init"), model_dir, tmp)
+    return spawn_ranks(_worker, WORLD, DEADLINE_S, "sspo-trl-dist-", make_args)
 
 
 def _results(ranks, task: str) -> list:

@@ -17,8 +17,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
-import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -26,7 +24,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _collectives import spawn_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -78,19 +76,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, module_name: st
 def spawn_cases(world: int, module_name: str, deadline_s: float = 180) -> list[dict[str, str | None]]:
     """Run every case of `module_name` (its `cases_for(world)`) in `world` gloo processes; each rank's
     {case: None or its error}."""
-    with tempfile.TemporaryDirectory(prefix=f"sspo-tl{world}-") as tmp:
-        context = mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), tmp, module_name), nprocs=world, join=False)
-        deadline = time.monotonic() + deadline_s
-        while not context.join(timeout=2):
-            if time.monotonic() > deadline:
-                for p in context.processes:
-                    p.kill()
-                raise TimeoutError(f"the {world}-process run passed its {deadline_s:.0f} s deadline")
-        out = []
-        for rank in range(world):
-            with open(os.path.join(tmp, f"rank{rank}.json")) as f:
-                out.append(json.load(f))
-        return out
+    make_args = lambda tmp: (world, os.path.join(tmp, "init"), tmp, module_name)
+    return spawn_ranks(_worker, world, deadline_s, f"sspo-tl{world}-", make_args)
 
 
 # ---------------------------------------------------------------- cases
